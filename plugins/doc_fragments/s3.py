@@ -1,0 +1,77 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+
+class ModuleDocFragment(object):
+    # Credentials and transfer tuning for S3 (or any S3-compatible endpoint).
+    DOCUMENTATION = r"""
+options:
+  aws_profile:
+    description: Named profile from C(~/.aws/config). By default boto3's usual credential chain is used.
+    type: str
+    aliases: [profile]
+  aws_access_key:
+    description: Access key id. Prefer the environment, a profile or an instance role.
+    type: str
+    aliases: [access_key]
+  aws_secret_key:
+    description: Secret access key, together with O(aws_access_key).
+    type: str
+    aliases: [secret_key]
+  aws_session_token:
+    description: Session token for temporary credentials.
+    type: str
+    aliases: [session_token]
+  s3_part_size_mb:
+    description:
+      - Size of each multipart upload part in MiB (at least 5).
+      - Memory used per upload is about O(s3_part_size_mb) times O(s3_concurrency).
+    type: int
+    default: 16
+  s3_concurrency:
+    description: Parts uploaded in parallel.
+    type: int
+    default: 4
+  s3_retries:
+    description:
+      - Attempts per S3 request (botocore standard retry mode, exponential backoff).
+      - Throttling (503 SlowDown) and dropped connections are retried; when attempts run out the task fails.
+    type: int
+    default: 8
+requirements:
+  - boto3 >= 1.28 (for S3)
+"""
+
+    # One S3 location as top-level options (backup_verify, s3_transfer).
+    LOCATION = r"""
+options:
+  bucket:
+    description: S3 bucket holding the repository.
+    type: str
+  prefix:
+    description: Key prefix of the repository inside O(bucket), for example V(db/clinic-main).
+    type: str
+    default: ""
+  region:
+    description: Region of O(bucket).
+    type: str
+  endpoint_url:
+    description: URL of an S3-compatible endpoint (MinIO, Ceph, Wasabi...). Path-style addressing is used with it.
+    type: str
+  sse:
+    description: Server-side encryption of uploaded objects (in addition to the gpg encryption of the artifacts).
+    type: str
+    choices: [none, AES256, aws:kms]
+    default: none
+  kms_key_id:
+    description: KMS key for O(sse=aws:kms).
+    type: str
+  storage_class:
+    description: Storage class of uploaded objects, for example V(STANDARD_IA) or V(GLACIER_IR).
+    type: str
+"""

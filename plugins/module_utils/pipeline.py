@@ -1,0 +1,303 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The streaming pipeline: producer | compressor | gpg  ->  sha256  ->  sinks.
+
+Each stage is a separate process joined by OS pipes, so compression and
+encryption run on other cores while Python only hashes and forwards the
+encrypted bytes.  Plaintext never reaches the disk: the last process writes
+ciphertext (or, with encryption disabled on purpose, compressed data) into a
+pipe that this module reads.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+
+from .errors import BackupError, ConfigError, IntegrityError
+
+CHUNK_SIZE = 1024 * 1024
+COMPRESSIONS = ("zstd", "gzip", "none")
+COMPRESSION_SUFFIX = {"zstd": ".zst", "gzip": ".gz", "none": ""}
+DEFAULT_LEVEL = {"zstd": 3, "gzip": 6, "none": None}
+STDERR_TAIL = 2000
+
+
+def which_or_fail(tool, package):
+    path = shutil.which(tool)
+    if not path:
+        raise ConfigError("%s was not found on this host" % tool, "install the %s package" % package)
+    return path
+
+
+def compress_argv(compression, level=None, threads=0):
+    """argv of the compressor stage, or None for no compression."""
+    if compression not in COMPRESSIONS:
+        raise ConfigError("unknown compression %r" % compression, "choose one of %s" % ", ".join(COMPRESSIONS))
+    if compression == "none":
+        return None
+    level = DEFAULT_LEVEL[compression] if level is None else int(level)
+    if compression == "zstd":
+        if not 1 <= level <= 19:
+            raise ConfigError("zstd level %d is out of range" % level, "use 1 (fastest) to 19 (smallest)")
+        return [which_or_fail("zstd", "zstd"), "-q", "-c", "-%d" % level, "-T%d" % int(threads)]
+    if not 1 <= level <= 9:
+        raise ConfigError("gzip level %d is out of range" % level, "use 1 (fastest) to 9 (smallest)")
+    return [which_or_fail("gzip", "gzip"), "-c", "-%d" % level]
+
+
+def decompress_argv(compression):
+    if compression == "none":
+        return None
+    if compression == "zstd":
+        return [which_or_fail("zstd", "zstd"), "-q", "-d", "-c"]
+    if compression == "gzip":
+        return [which_or_fail("gzip", "gzip"), "-d", "-c"]
+    raise IntegrityError("manifest names unknown compression %r" % compression)
+
+
+class GpgSession(object):
+    """A private GNUPGHOME and the passphrase handed to gpg over a pipe.
+
+    gpg reads the passphrase from an inherited file descriptor
+    (``--passphrase-fd``), never from argv or the environment, and the private
+    home keeps the operator's keyring and agent untouched.  The agent gpg
+    starts in that home is stopped on close.
+    """
+
+    def __init__(self, passphrase):
+        if not passphrase:
+            raise ConfigError("encryption needs a passphrase")
+        self._passphrase = passphrase
+        self.gpg = which_or_fail("gpg", "gnupg")
+        self.home = tempfile.mkdtemp(prefix="clinic-backup-gnupg-")
+        os.chmod(self.home, 0o700)
+
+    def _argv(self, fd, *action):
+        return [
+            self.gpg, "--homedir", self.home, "--batch", "--no-tty", "--quiet", "--no-options",
+            "--pinentry-mode", "loopback", "--passphrase-fd", str(fd), "--no-symkey-cache",
+        ] + list(action)
+
+    def encrypt_stage(self):
+        """(argv, fd) for a symmetric AES256 encryption stage; fd is passed to the child."""
+        fd = self._passphrase_fd()
+        return self._argv(
+            fd, "--symmetric", "--cipher-algo", "AES256", "--s2k-digest-algo", "SHA512",
+            "--compress-algo", "none", "--output", "-",
+        ), fd
+
+    def decrypt_stage(self):
+        fd = self._passphrase_fd()
+        return self._argv(fd, "--decrypt", "--output", "-"), fd
+
+    def _passphrase_fd(self):
+        read_fd, write_fd = os.pipe()
+        try:
+            os.write(write_fd, self._passphrase + b"\n")
+        finally:
+            os.close(write_fd)
+        return read_fd
+
+    def close(self):
+        gpgconf = shutil.which("gpgconf")
+        if gpgconf:
+            subprocess.run([gpgconf, "--homedir", self.home, "--kill", "gpg-agent"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class Stage(object):
+    """One process of a pipeline, with its stderr collected for error messages."""
+
+    def __init__(self, name, argv, env=None, pass_fds=(), cwd=None):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.pass_fds = tuple(pass_fds)
+        self.cwd = cwd
+        self.proc = None
+        self._stderr = tempfile.TemporaryFile()
+
+    def start(self, stdin, stdout):
+        self.proc = subprocess.Popen(
+            self.argv, stdin=stdin, stdout=stdout, stderr=self._stderr, env=self.env,
+            pass_fds=self.pass_fds, cwd=self.cwd, close_fds=True,
+        )
+        for fd in self.pass_fds:
+            os.close(fd)
+        return self.proc
+
+    def stderr_tail(self):
+        self._stderr.seek(0)
+        data = self._stderr.read()
+        text = data[-STDERR_TAIL:].decode("utf-8", "replace").strip()
+        return text
+
+    def close(self):
+        self._stderr.close()
+
+
+class StreamResult(object):
+    def __init__(self, size, sha256):
+        self.size = size
+        self.sha256 = sha256
+
+
+def _terminate(stages):
+    for stage in stages:
+        if stage.proc is not None and stage.proc.poll() is None:
+            try:
+                stage.proc.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+    for stage in stages:
+        if stage.proc is not None:
+            try:
+                stage.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                stage.proc.kill()
+                stage.proc.wait()
+
+
+def _check(stages, failure_hint=None):
+    """Raise naming the first stage that failed, with its stderr tail."""
+    for stage in stages:
+        code = stage.proc.returncode if stage.proc is not None else None
+        if code not in (0, None):
+            # A stage killed by SIGPIPE failed because a later stage died: report that one.
+            if code == -signal.SIGPIPE or code == 141:
+                continue
+            tail = stage.stderr_tail()
+            raise BackupError(
+                "%s failed with exit code %s%s" % (stage.name, code, (": " + tail) if tail else ""),
+                failure_hint,
+            )
+    for stage in stages:
+        code = stage.proc.returncode if stage.proc is not None else None
+        if code not in (0, None):
+            raise BackupError("%s was killed (exit code %s) because a later stage stopped reading" % (stage.name, code))
+
+
+def run_stream(stages, consume, source=None, chunk_size=CHUNK_SIZE, failure_hint=None):
+    """Run ``stages`` as one pipeline and hand every output chunk to ``consume``.
+
+    ``source``: optional iterable of bytes fed to the first stage's stdin (by a
+    thread) — used to re-read a stored artifact through gpg/zstd for checks.
+    When ``stages`` is empty, the source itself is consumed.
+    Returns a StreamResult (size and sha256 of the bytes consumed).
+    Raises BackupError if any stage exits non-zero; ``consume`` may raise to abort.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    feeder = None
+    feed_error = []
+    try:
+        if not stages:
+            for chunk in source:
+                digest.update(chunk)
+                size += len(chunk)
+                consume(chunk)
+            return StreamResult(size, digest.hexdigest())
+        prev_out = subprocess.PIPE if source is not None else subprocess.DEVNULL
+        first = True
+        for index, stage in enumerate(stages):
+            stdin = prev_out if first else stages[index - 1].proc.stdout
+            stage.start(stdin=stdin, stdout=subprocess.PIPE)
+            if not first:
+                # The parent's copy must close or the reader never sees EOF.
+                stages[index - 1].proc.stdout.close()
+            first = False
+        if source is not None:
+            feeder = threading.Thread(target=_feed, args=(stages[0].proc.stdin, source, feed_error))
+            feeder.daemon = True
+            feeder.start()
+        out = stages[-1].proc.stdout
+        read = out.read1 if hasattr(out, "read1") else out.read
+        while True:
+            chunk = read(chunk_size)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+            consume(chunk)
+        out.close()
+        for stage in stages:
+            stage.proc.wait()
+        if feeder is not None:
+            feeder.join()
+        _check(stages, failure_hint)
+        if feed_error:
+            raise feed_error[0]
+        return StreamResult(size, digest.hexdigest())
+    except BaseException:
+        _terminate(stages)
+        raise
+    finally:
+        if feeder is not None:
+            feeder.join(timeout=5)
+        for stage in stages:
+            stage.close()
+
+
+def _feed(pipe, source, errors):
+    try:
+        for chunk in source:
+            pipe.write(chunk)
+    except BrokenPipeError:
+        pass  # the reader stopped early; its exit code tells why
+    except BaseException as exc:  # reported by run_stream after the stages end
+        errors.append(exc)
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+class HashingReader(object):
+    """Iterate over a binary file object in chunks, hashing what passes."""
+
+    def __init__(self, fileobj, chunk_size=CHUNK_SIZE):
+        self.fileobj = fileobj
+        self.chunk_size = chunk_size
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def __iter__(self):
+        while True:
+            chunk = self.fileobj.read(self.chunk_size)
+            if not chunk:
+                return
+            self.digest.update(chunk)
+            self.size += len(chunk)
+            yield chunk
+
+    @property
+    def sha256(self):
+        return self.digest.hexdigest()
+
+
+class Tee(object):
+    """Send each chunk to several sinks (one local file, N S3 uploads)."""
+
+    def __init__(self, sinks):
+        self.sinks = list(sinks)
+
+    def __call__(self, chunk):
+        for sink in self.sinks:
+            sink.write(chunk)

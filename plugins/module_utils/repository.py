@@ -1,0 +1,462 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Backup repositories: a local directory or an S3 prefix, with one layout.
+
+    <root>/sets/<set_id>/<artifact files>
+    <root>/sets/<set_id>/manifest.json       written last: no manifest, no set
+    <root>/sets/<set_id>/verification.json   latest verify result (optional)
+    <root>/latest/<database>.json            pointer to the newest complete set
+    <root>/.staging/<set_id>/                local only: a set being written
+
+Locally a set is written under .staging and renamed into sets/ in one step
+after its manifest is fsynced, so a killed run leaves nothing under sets/.
+On S3 (no rename) the manifest object is uploaded only after every artifact
+upload completed and was size-checked.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import datetime
+import errno
+import json
+import os
+import re
+import shutil
+import time
+
+from . import s3 as s3util
+from .errors import ConfigError, StoreError
+
+MANIFEST = "manifest.json"
+VERIFICATION = "verification.json"
+SETS = "sets"
+LATEST = "latest"
+STAGING = ".staging"
+SET_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9_.-]{1,64}-[0-9a-f]{6}$")
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
+
+
+def safe_name(text, limit=48):
+    """A file-name-safe rendering of a database name (for ids and pointers)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", text).strip("._-") or "db"
+    return cleaned[:limit]
+
+
+def check_set_id(set_id):
+    if not isinstance(set_id, str) or not SET_ID_RE.match(set_id):
+        raise ConfigError("%r is not a backup set id" % (set_id,),
+                          "use an id from the catalog, e.g. 20261122T010000Z-clinic_db-1a2b3c")
+    return set_id
+
+
+def check_file_name(name):
+    if not isinstance(name, str) or not FILE_NAME_RE.match(name) or ".." in name:
+        raise StoreError("refusing artifact name %r from a manifest" % (name,),
+                         "the manifest may be tampered with: restore from another set")
+    return name
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data, mode=0o600):
+    """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, ".%s.tmp-%d" % (os.path.basename(path), os.getpid()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(directory)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def dump_json(data):
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _store_error(action, path, exc):
+    hint = None
+    if exc.errno == errno.ENOSPC:
+        hint = "the repository filesystem is full: free space or apply retention"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        hint = "the backup user cannot write there: fix ownership or permissions"
+    elif exc.errno == errno.EROFS:
+        hint = "the filesystem is read-only"
+    return StoreError("cannot %s %s: %s" % (action, path, exc.strerror or exc), hint)
+
+
+class LocalFileSink(object):
+    """Write one artifact file inside a staging directory, fsync on close."""
+
+    def __init__(self, path):
+        self.path = path
+        self.size = 0
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise _store_error("create", path, exc)
+
+    @property
+    def location(self):
+        return self.path
+
+    def write(self, chunk):
+        view = memoryview(chunk)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise _store_error("write", self.path, exc)
+        self.size += len(chunk)
+
+    def close(self):
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise _store_error("fsync", self.path, exc)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        return self.path
+
+    def abort(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        _unlink_quietly(self.path)
+
+
+class LocalSetWriter(object):
+    def __init__(self, repo, set_id):
+        self.repo = repo
+        self.set_id = set_id
+        self.staging = os.path.join(repo.path, STAGING, set_id)
+        self.final = os.path.join(repo.path, SETS, set_id)
+        try:
+            os.makedirs(self.staging, mode=0o700)
+        except OSError as exc:
+            raise _store_error("create staging directory", self.staging, exc)
+        self.sinks = []
+
+    def sink(self, filename):
+        sink = LocalFileSink(os.path.join(self.staging, check_file_name(filename)))
+        self.sinks.append(sink)
+        return sink
+
+    def final_location(self, filename):
+        return os.path.join(self.final, filename)
+
+    def staging_dir(self):
+        """A private scratch directory on the repository's filesystem."""
+        return self.staging
+
+    def commit(self, manifest):
+        try:
+            atomic_write(os.path.join(self.staging, MANIFEST), dump_json(manifest))
+            fsync_dir(self.staging)
+            os.rename(self.staging, self.final)
+            fsync_dir(os.path.dirname(self.final))
+        except OSError as exc:
+            raise _store_error("commit backup set in", self.repo.path, exc)
+
+    def abort(self):
+        for sink in self.sinks:
+            sink.abort()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class LocalRepository(object):
+    kind = "local"
+
+    def __init__(self, path, must_exist=True):
+        if not path or not os.path.isabs(path):
+            raise ConfigError("repository path %r must be absolute" % (path,), "e.g. /var/backups/clinic/db")
+        self.path = os.path.normpath(path)
+        if must_exist and not os.path.isdir(self.path):
+            raise ConfigError("repository %s does not exist" % self.path,
+                              "run a backup first or fix the repository path")
+
+    def ensure_layout(self):
+        for sub in ("", SETS, LATEST, STAGING):
+            path = os.path.join(self.path, sub)
+            try:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise _store_error("create", path, exc)
+        if os.stat(self.path).st_mode & 0o077:
+            # PHI: the repository is for the backup user alone.
+            os.chmod(self.path, 0o700)
+
+    def check_writable(self):
+        """Fail before any work if the repository cannot take a new set."""
+        parent = self.path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise StoreError("repository %s is not writable by this user" % self.path,
+                             "fix ownership or choose another repository path")
+
+    @property
+    def url(self):
+        return self.path
+
+    def set_ids(self):
+        """Ids of complete sets (those with a manifest), newest first."""
+        root = os.path.join(self.path, SETS)
+        try:
+            names = os.listdir(root)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return []
+            raise _store_error("list", root, exc)
+        return sorted((n for n in names if SET_ID_RE.match(n) and os.path.isfile(os.path.join(root, n, MANIFEST))),
+                      reverse=True)
+
+    def read_file(self, set_id, filename):
+        path = self.location(set_id, filename)
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise _store_error("read", path, exc)
+
+    def open_artifact(self, set_id, filename):
+        path = self.location(set_id, filename)
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            raise _store_error("open", path, exc)
+
+    def artifact_size(self, set_id, filename):
+        try:
+            return os.path.getsize(self.location(set_id, filename))
+        except OSError:
+            return None
+
+    def location(self, set_id, filename):
+        return os.path.join(self.path, SETS, check_set_id(set_id), check_file_name(filename))
+
+    def write_verification(self, set_id, data):
+        atomic_write(self.location(set_id, VERIFICATION), dump_json(data))
+
+    def begin(self, set_id):
+        self.ensure_layout()
+        return LocalSetWriter(self, set_id)
+
+    def write_latest(self, database, set_id):
+        pointer = {"database": database, "set_id": set_id}
+        atomic_write(os.path.join(self.path, LATEST, safe_name(database) + ".json"), dump_json(pointer))
+
+    def read_latest(self, database):
+        try:
+            with open(os.path.join(self.path, LATEST, safe_name(database) + ".json"), "rb") as handle:
+                return json.loads(handle.read().decode("utf-8")).get("set_id")
+        except (OSError, ValueError):
+            return None
+
+    def cleanup_incomplete(self, keep=(), older_than_seconds=0):
+        """Remove staging leftovers of killed runs. The caller holds the repository lock."""
+        root = os.path.join(self.path, STAGING)
+        removed = []
+        if not os.path.isdir(root):
+            return removed
+        now = time.time()
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name in keep:
+                continue
+            try:
+                if now - os.lstat(path).st_mtime < older_than_seconds:
+                    continue
+            except OSError:
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _unlink_quietly(path)
+            removed.append(name)
+        # Temp files of interrupted atomic writes.
+        for sub in (LATEST,):
+            folder = os.path.join(self.path, sub)
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                if name.startswith(".") and ".tmp-" in name:
+                    _unlink_quietly(os.path.join(folder, name))
+                    removed.append(os.path.join(sub, name))
+        return removed
+
+    def delete_set(self, set_id):
+        path = os.path.join(self.path, SETS, check_set_id(set_id))
+        # Drop the manifest first: a half-deleted set must not look complete.
+        _unlink_quietly(os.path.join(path, MANIFEST))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class S3SetWriter(object):
+    def __init__(self, repo, set_id):
+        self.repo = repo
+        self.set_id = set_id
+        self.sinks = []
+
+    def sink(self, filename):
+        key = self.repo.key(self.set_id, check_file_name(filename))
+        sink = s3util.MultipartSink(self.repo.client, self.repo.bucket, key, self.repo.part_size,
+                                    self.repo.concurrency, self.repo.extra_args)
+        self.sinks.append(sink)
+        return sink
+
+    def final_location(self, filename):
+        return "s3://%s/%s" % (self.repo.bucket, self.repo.key(self.set_id, filename))
+
+    def commit(self, manifest):
+        s3util.put_bytes(self.repo.client, self.repo.bucket, self.repo.key(self.set_id, MANIFEST),
+                         dump_json(manifest), self.repo.extra_args)
+
+    def abort(self):
+        for sink in self.sinks:
+            sink.abort()
+
+
+class S3Repository(object):
+    kind = "s3"
+
+    def __init__(self, client, bucket, prefix="", part_size=s3util.DEFAULT_PART_SIZE,
+                 concurrency=s3util.DEFAULT_CONCURRENCY, extra_args=None):
+        if not bucket or "/" in bucket:
+            raise ConfigError("invalid bucket name %r" % (bucket,), "give the bare bucket name; put paths in prefix")
+        self.client = client
+        self.bucket = bucket
+        self.prefix = (prefix or "").strip("/")
+        self.part_size = s3util.check_part_size(part_size)
+        self.concurrency = concurrency
+        self.extra_args = dict(extra_args or {})
+
+    @property
+    def url(self):
+        return s3util.s3_url(self.bucket, self.prefix)
+
+    def key(self, set_id, filename):
+        return s3util.join_key(self.prefix, SETS, check_set_id(set_id), filename)
+
+    def check_writable(self):
+        s3util.check_bucket(self.client, self.bucket)
+
+    def ensure_layout(self):
+        pass
+
+    def set_ids(self):
+        keys = s3util.list_keys(self.client, self.bucket, s3util.join_key(self.prefix, SETS) + "/")
+        ids = set()
+        for key in keys:
+            parts = key.split("/")
+            if len(parts) >= 2 and parts[-1] == MANIFEST and SET_ID_RE.match(parts[-2]):
+                ids.add(parts[-2])
+        return sorted(ids, reverse=True)
+
+    def read_file(self, set_id, filename):
+        key = self.key(set_id, check_file_name(filename))
+        if s3util.object_info(self.client, self.bucket, key) is None:
+            return None
+        return s3util.get_bytes(self.client, self.bucket, key)
+
+    def open_artifact(self, set_id, filename):
+        return s3util.open_stream(self.client, self.bucket, self.key(set_id, check_file_name(filename)))
+
+    def artifact_size(self, set_id, filename):
+        info = s3util.object_info(self.client, self.bucket, self.key(set_id, check_file_name(filename)))
+        return None if info is None else info.get("ContentLength")
+
+    def location(self, set_id, filename):
+        return "s3://%s/%s" % (self.bucket, self.key(set_id, check_file_name(filename)))
+
+    def write_verification(self, set_id, data):
+        s3util.put_bytes(self.client, self.bucket, self.key(set_id, VERIFICATION), dump_json(data), self.extra_args)
+
+    def begin(self, set_id):
+        return S3SetWriter(self, set_id)
+
+    def write_latest(self, database, set_id):
+        key = s3util.join_key(self.prefix, LATEST, safe_name(database) + ".json")
+        s3util.put_bytes(self.client, self.bucket, key, dump_json({"database": database, "set_id": set_id}),
+                         self.extra_args)
+
+    def read_latest(self, database):
+        key = s3util.join_key(self.prefix, LATEST, safe_name(database) + ".json")
+        if s3util.object_info(self.client, self.bucket, key) is None:
+            return None
+        try:
+            return json.loads(s3util.get_bytes(self.client, self.bucket, key).decode("utf-8")).get("set_id")
+        except ValueError:
+            return None
+
+    def cleanup_incomplete(self, keep=(), older_than_seconds=0):
+        """Abort stale multipart uploads and delete artifacts of sets that never got a manifest."""
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=older_than_seconds)
+        sets_prefix = s3util.join_key(self.prefix, SETS) + "/"
+        removed = [k for k in s3util.abort_stale_uploads(self.client, self.bucket, sets_prefix, cutoff)
+                   if k.split("/")[-2] not in keep]
+        by_set = {}
+        for key, item in s3util.list_keys(self.client, self.bucket, sets_prefix).items():
+            parts = key[len(sets_prefix):].split("/")
+            if len(parts) == 2:
+                by_set.setdefault(parts[0], []).append((parts[1], item))
+        orphans = []
+        for set_id, files in by_set.items():
+            if set_id in keep or any(name == MANIFEST for name, _item in files):
+                continue
+            if all(item["LastModified"] < cutoff for _name, item in files):
+                orphans.extend(sets_prefix + set_id + "/" + name for name, _item in files)
+        if orphans:
+            s3util.delete_keys(self.client, self.bucket, orphans)
+        return removed + orphans
+
+    def delete_set(self, set_id):
+        prefix = s3util.join_key(self.prefix, SETS, check_set_id(set_id)) + "/"
+        keys = list(s3util.list_keys(self.client, self.bucket, prefix))
+        manifest = prefix + MANIFEST
+        if manifest in keys:
+            s3util.delete_keys(self.client, self.bucket, [manifest])
+        s3util.delete_keys(self.client, self.bucket, [k for k in keys if k != manifest])
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def isoformat(moment):
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def new_set_id(database, moment=None):
+    moment = moment or utc_now()
+    return "%s-%s-%s" % (moment.strftime("%Y%m%dT%H%M%SZ"), safe_name(database), os.urandom(3).hex())

@@ -1,0 +1,351 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""S3 access: typed helpers that take a boto3 client, error translation as a
+decorator, and a streaming multipart sink with bounded memory.
+
+Throttling (503 SlowDown) and dropped connections are retried by botocore's
+"standard" retry mode with exponential backoff; when the retries run out the
+error surfaces as a StoreError. A failure is never turned into success: an
+upload is complete only when CompleteMultipartUpload (or PutObject) returned
+and the stored size matches what was sent.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import base64
+import functools
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import ConfigError, StoreError
+
+try:
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    HAS_BOTO3 = True
+    BOTO3_IMPORT_ERROR = None
+except ImportError as _exc:  # reported by the module with missing_required_lib
+    HAS_BOTO3 = False
+    BOTO3_IMPORT_ERROR = _exc
+
+MiB = 1024 * 1024
+MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
+MAX_PARTS = 10000
+DEFAULT_PART_SIZE = 16 * MiB
+DEFAULT_CONCURRENCY = 4
+SSE_CHOICES = ("none", "AES256", "aws:kms")
+
+_HINTS = {
+    "NoSuchBucket": "create the bucket or fix the bucket name and region",
+    "AccessDenied": "grant this identity s3:PutObject/GetObject/ListBucket/AbortMultipartUpload on the bucket",
+    "InvalidAccessKeyId": "check the AWS access key (environment, profile or instance role)",
+    "SignatureDoesNotMatch": "check the AWS secret key",
+    "ExpiredToken": "the temporary credentials expired: refresh them (aws sso login, new STS token)",
+    "RequestTimeTooSkewed": "fix this host's clock (NTP)",
+    "SlowDown": "S3 kept throttling after every retry: run later or raise retries",
+    "NoSuchKey": "the object is missing: the backup set may be incomplete or deleted",
+    "InvalidStorageClass": "choose a storage class this endpoint supports",
+}
+
+
+def s3_url(bucket, prefix=""):
+    return "s3://%s/%s" % (bucket, prefix.strip("/")) if prefix.strip("/") else "s3://%s" % bucket
+
+
+def join_key(*parts):
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def describe_error(exc, action):
+    """StoreError for a botocore exception: what failed, why, and how to fix it."""
+    if HAS_BOTO3 and isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "Unknown")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NotFound") and "bucket" in action:
+            code = "NoSuchBucket"
+        if code in ("403", "Forbidden"):
+            code = "AccessDenied"
+        message = "S3 %s failed: %s%s" % (action, code, (" (HTTP %s)" % status) if status else "")
+        if error.get("Message"):
+            message += ": %s" % error["Message"]
+        return StoreError(message, _HINTS.get(code))
+    if HAS_BOTO3 and isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return StoreError("S3 %s failed: no AWS credentials found" % action,
+                          "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
+    if HAS_BOTO3 and isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return StoreError("S3 %s failed: cannot reach the endpoint: %s" % (action, exc),
+                          "check endpoint_url, DNS and the network path to S3")
+    if HAS_BOTO3 and isinstance(exc, botocore.exceptions.BotoCoreError):
+        return StoreError("S3 %s failed: %s" % (action, exc))
+    return None
+
+
+def s3_errors(action):
+    """Decorator: translate botocore exceptions raised by ``func`` into StoreError."""
+
+    def decorator(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:
+                translated = describe_error(exc, action)
+                if translated is None:
+                    raise
+                raise translated from exc
+
+        return wrapper
+
+    return decorator
+
+
+def make_client(region=None, endpoint_url=None, profile=None, access_key=None, secret_key=None,
+                session_token=None, retries=8, connect_timeout=10, read_timeout=120):
+    """boto3 S3 client; credentials come from the usual chain unless given."""
+    if not HAS_BOTO3:
+        raise ConfigError("the boto3 Python library is required for S3 targets", "pip install boto3")
+    if bool(access_key) != bool(secret_key):
+        raise ConfigError("access_key and secret_key must be given together")
+    try:
+        session = boto3.session.Session(
+            profile_name=profile or None, aws_access_key_id=access_key or None,
+            aws_secret_access_key=secret_key or None, aws_session_token=session_token or None,
+            region_name=region or None,
+        )
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise ConfigError(str(exc), "check the profile name in ~/.aws/config")
+    config = botocore.config.Config(
+        retries={"mode": "standard", "total_max_attempts": max(1, int(retries))},
+        connect_timeout=connect_timeout, read_timeout=read_timeout,
+        # S3-compatible endpoints (MinIO, Ceph, moto) expect path-style URLs.
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+    )
+    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+@s3_errors("bucket check")
+def check_bucket(client, bucket):
+    """Fail clearly if the bucket is missing or unreachable (before writing anything)."""
+    client.head_bucket(Bucket=bucket)
+
+
+@s3_errors("list")
+def list_keys(client, bucket, prefix):
+    """Every key (and size) under ``prefix``."""
+    found = {}
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            found[item["Key"]] = item
+    return found
+
+
+@s3_errors("list")
+def list_common_prefixes(client, bucket, prefix):
+    names = []
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", Delimiter="/"):
+        for item in page.get("CommonPrefixes", []):
+            names.append(item["Prefix"][len(prefix.rstrip("/")) + 1:].rstrip("/"))
+    return names
+
+
+@s3_errors("download")
+def get_bytes(client, bucket, key):
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+@s3_errors("download")
+def open_stream(client, bucket, key):
+    return client.get_object(Bucket=bucket, Key=key)["Body"]
+
+
+@s3_errors("head")
+def object_info(client, bucket, key):
+    """head_object result, or None when the key does not exist."""
+    try:
+        return client.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+@s3_errors("upload")
+def put_bytes(client, bucket, key, data, extra_args=None):
+    client.put_object(Bucket=bucket, Key=key, Body=data, ContentMD5=_md5_b64(data), **(extra_args or {}))
+
+
+@s3_errors("delete")
+def delete_keys(client, bucket, keys):
+    keys = list(keys)
+    for start in range(0, len(keys), 1000):
+        batch = [{"Key": k} for k in keys[start:start + 1000]]
+        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+@s3_errors("multipart cleanup")
+def abort_stale_uploads(client, bucket, prefix, older_than=None):
+    """Abort unfinished multipart uploads under ``prefix`` (left by a killed run).
+
+    ``older_than``: only uploads initiated before this aware datetime.
+    Returns the keys whose uploads were aborted.
+    """
+    aborted = []
+    paginator = client.get_paginator("list_multipart_uploads")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            if older_than is not None and upload["Initiated"] >= older_than:
+                continue
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted.append(upload["Key"])
+    return aborted
+
+
+def upload_extra_args(sse="none", kms_key_id=None, storage_class=None):
+    """ExtraArgs shared by PutObject and CreateMultipartUpload."""
+    if sse not in SSE_CHOICES:
+        raise ConfigError("unknown server-side encryption %r" % sse, "choose one of %s" % ", ".join(SSE_CHOICES))
+    extra = {}
+    if sse != "none":
+        extra["ServerSideEncryption"] = sse
+    if sse == "aws:kms" and kms_key_id:
+        extra["SSEKMSKeyId"] = kms_key_id
+    if kms_key_id and sse != "aws:kms":
+        raise ConfigError("kms_key_id is only used with sse=aws:kms")
+    if storage_class:
+        extra["StorageClass"] = storage_class
+    return extra
+
+
+def _md5_b64(data):
+    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+def check_part_size(part_size):
+    part_size = int(part_size)
+    if part_size < MIN_PART_SIZE:
+        raise ConfigError("S3 part size %d bytes is below the 5 MiB minimum" % part_size, "use part_size_mb >= 5")
+    return part_size
+
+
+class MultipartSink(object):
+    """Upload a stream of unknown length to one S3 key.
+
+    Parts of ``part_size`` bytes go up on ``concurrency`` threads; at most
+    ``concurrency`` parts are buffered, so memory stays flat whatever the
+    backup size.  Each part carries its MD5 so S3 rejects a corrupted body.
+    Streams smaller than one part become a single PutObject.
+    """
+
+    def __init__(self, client, bucket, key, part_size=DEFAULT_PART_SIZE, concurrency=DEFAULT_CONCURRENCY,
+                 extra_args=None):
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        self.part_size = check_part_size(part_size)
+        self.concurrency = max(1, int(concurrency))
+        self.extra_args = dict(extra_args or {})
+        self.upload_id = None
+        self.size = 0
+        self._chunks = []
+        self._buffered = 0
+        self._next_part = 1
+        self._futures = []
+        self._slots = threading.BoundedSemaphore(self.concurrency)
+        self._executor = None
+        self._done = False
+
+    @property
+    def location(self):
+        return "s3://%s/%s" % (self.bucket, self.key)
+
+    def write(self, chunk):
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        self.size += len(chunk)
+        while self._buffered >= self.part_size:
+            data = b"".join(self._chunks)
+            part, rest = data[:self.part_size], data[self.part_size:]
+            self._chunks = [rest] if rest else []
+            self._buffered = len(rest)
+            self._submit(part)
+
+    @s3_errors("multipart upload")
+    def _start(self):
+        response = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.extra_args)
+        self.upload_id = response["UploadId"]
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency)
+
+    def _submit(self, data):
+        if self.upload_id is None:
+            self._start()
+        if self._next_part > MAX_PARTS:
+            raise StoreError("upload to %s needs more than %d parts" % (self.location, MAX_PARTS),
+                             "raise part_size_mb")
+        self._raise_failed()
+        self._slots.acquire()
+        number = self._next_part
+        self._next_part += 1
+        future = self._executor.submit(self._upload_part, number, data)
+        future.add_done_callback(lambda _f: self._slots.release())
+        self._futures.append(future)
+
+    @s3_errors("multipart upload part")
+    def _upload_part(self, number, data):
+        response = self.client.upload_part(
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
+            Body=data, ContentMD5=_md5_b64(data),
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def _raise_failed(self):
+        for future in self._futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def close(self):
+        """Finish the upload; return its location. Raises on any failed part."""
+        data = b"".join(self._chunks)
+        self._chunks = []
+        if self.upload_id is None:
+            put_bytes(self.client, self.bucket, self.key, data, self.extra_args)
+        else:
+            if data:
+                self._submit(data)
+            parts = [future.result() for future in self._futures]
+            self._complete(parts)
+            self._executor.shutdown(wait=True)
+        self._done = True
+        info = object_info(self.client, self.bucket, self.key)
+        if info is None or info.get("ContentLength") != self.size:
+            raise StoreError("S3 object %s has size %s after upload, expected %d" % (
+                self.location, None if info is None else info.get("ContentLength"), self.size))
+        return self.location
+
+    @s3_errors("multipart complete")
+    def _complete(self, parts):
+        self.client.complete_multipart_upload(
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts},
+        )
+
+    def abort(self):
+        """Best effort: abort the multipart upload or delete the finished object."""
+        if self._executor is not None:
+            for future in self._futures:
+                future.cancel()
+            self._executor.shutdown(wait=True)
+        try:
+            if self.upload_id is not None and not self._done:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+            elif self._done:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+        except Exception:  # the next run's abort_stale_uploads cleans what is left
+            pass

@@ -1,0 +1,302 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Verify a backup set: manifest, sha256 of every artifact, a full decrypt +
+decompress + content check (pg_restore --list, tar listing, SQL trailer),
+age, and size against recent history.
+
+Each artifact is read once: the stored bytes are hashed while being fed
+through gpg and the decompressor into the content checker.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import os
+import posixpath
+import subprocess
+import tempfile
+
+from . import pipeline
+from .catalog import list_catalog, load_manifest
+from .errors import BackupError, ConfigError, IntegrityError
+from .passphrase import load_passphrase
+from .pgsource import find_pg_bin_dir
+from .repository import isoformat, parse_time, utc_now
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+PLAIN_TRAILER = b"PostgreSQL database dump complete"
+GLOBALS_TRAILER = b"PostgreSQL database cluster dump complete"
+
+
+class Check(object):
+    def __init__(self, name, status, detail, artifact=None):
+        self.name = name
+        self.status = status
+        self.detail = detail
+        self.artifact = artifact
+
+    def as_dict(self):
+        data = {"name": self.name, "status": self.status, "detail": self.detail}
+        if self.artifact:
+            data["artifact"] = self.artifact
+        return data
+
+
+class TailKeeper(object):
+    """Consumer that keeps the last bytes of a stream (to find a SQL trailer)."""
+
+    def __init__(self, keep=4096):
+        self.keep = keep
+        self.tail = b""
+        self.size = 0
+
+    def __call__(self, chunk):
+        self.size += len(chunk)
+        self.tail = (self.tail + chunk)[-self.keep:]
+
+
+def unsafe_tar_member(name):
+    """Why a tar member name would escape an extraction directory, or None."""
+    if name.startswith("/"):
+        return "absolute path"
+    parts = posixpath.normpath(name).split("/")
+    if ".." in parts:
+        return "parent directory reference"
+    return None
+
+
+def _content_reader(content, bin_dir):
+    """argv of the program that parses the decrypted, decompressed artifact, or None."""
+    if content == "pg_dump-custom":
+        return [os.path.join(bin_dir, "pg_restore"), "--list"]
+    if content == "pg_dump-directory-tar":
+        return [pipeline.which_or_fail("tar", "tar"), "-tvf", "-"]
+    return None
+
+
+class ParserConsumer(object):
+    """Feed the stream to a parser (pg_restore --list, tar -tv) while reading
+    it to the end ourselves: those parsers stop early, but gpg only checks the
+    integrity code (MDC) and zstd the frame checksum once all bytes went through."""
+
+    def __init__(self, content, argv):
+        self.content = content
+        self.size = 0
+        self.entries = 0
+        self.names = []
+        self.head = ""
+        self._out = tempfile.TemporaryFile()
+        self._err = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=self._out, stderr=self._err)
+        self._open = True
+
+    def __call__(self, chunk):
+        self.size += len(chunk)
+        if self._open:
+            try:
+                self._proc.stdin.write(chunk)
+            except (BrokenPipeError, OSError):
+                self._open = False  # the parser has all it wanted
+
+    def finish(self):
+        """Wait for the parser; return an error text or None."""
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        code = self._proc.wait()
+        self._out.seek(0)
+        self._err.seek(0)
+        output = self._out.read().decode("utf-8", "replace")
+        errors = self._err.read()[-pipeline.STDERR_TAIL:].decode("utf-8", "replace").strip()
+        self._out.close()
+        self._err.close()
+        if code != 0:
+            return "%s exited with %d: %s" % (os.path.basename(self._proc.args[0]), code, errors)
+        for line in output.splitlines():
+            self._line(line)
+        return None
+
+    def abort(self):
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def _line(self, line):
+        if len(self.head) < 2000:
+            self.head += line + "\n"
+        if self.content == "pg_dump-custom":
+            if line and not line.startswith(";"):
+                self.entries += 1
+            return
+        # tar -tv: the name is the last field; "x -> y" marks a link.
+        fields = line.split(None, 5)
+        if len(fields) == 6:
+            name = fields[5].split(" -> ")[0]
+            self.names.append(name[2:] if name.startswith("./") else name)
+            if line[:1] in ("l", "h"):
+                self.names.append("/" + name)  # links are never part of a pg_dump directory
+
+
+def _check_content(content, consumer):
+    """Judge what the parser saw; return (status, detail)."""
+    if content == "pg_dump-custom":
+        if "; Archive created at" not in consumer.head:
+            return FAIL, "pg_restore --list printed no table of contents"
+        return OK, "pg_restore --list read %d TOC entries" % consumer.entries
+    if content == "pg_dump-directory-tar":
+        if "toc.dat" not in consumer.names:
+            return FAIL, "the directory archive has no toc.dat"
+        for name in consumer.names:
+            why = unsafe_tar_member(name)
+            if why:
+                return FAIL, "tar member %r is unsafe (%s)" % (name, why)
+        return OK, "tar archive lists %d files including toc.dat" % len(consumer.names)
+    trailer = GLOBALS_TRAILER if content == "pg_dumpall-globals" else PLAIN_TRAILER
+    if trailer not in consumer.tail:
+        return FAIL, "SQL script is truncated (no '%s' trailer)" % trailer.decode()
+    return OK, "SQL script complete (%d bytes)" % consumer.size
+
+
+def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep=True):
+    """Checks for one artifact: presence + size, sha256, and (deep) content."""
+    checks = []
+    name = artifact["file"]
+    size = repo.artifact_size(set_id, name)
+    if size is None:
+        return [Check("present", FAIL, "%s is missing" % repo.location(set_id, name), name)]
+    if size != artifact["size"]:
+        checks.append(Check("size", FAIL, "%s is %d bytes, manifest says %d" % (
+            repo.location(set_id, name), size, artifact["size"]), name))
+    reader = pipeline.HashingReader(repo.open_artifact(set_id, name))
+    stages = []
+    consumer = None
+    encrypted = manifest["encryption"].get("method") != "none"
+    if deep:
+        if encrypted:
+            argv, fd = gpg_session.decrypt_stage()
+            stages.append(pipeline.Stage("gpg decryption", argv, pass_fds=(fd,)))
+        decompress = pipeline.decompress_argv(manifest["compression"]["algorithm"])
+        if decompress:
+            stages.append(pipeline.Stage("decompression", decompress))
+        parser = _content_reader(artifact["content"], bin_dir)
+        consumer = ParserConsumer(artifact["content"], parser) if parser else TailKeeper()
+    content_error = None
+    try:
+        pipeline.run_stream(stages, consumer or (lambda chunk: None), source=reader)
+        if isinstance(consumer, ParserConsumer):
+            content_error = consumer.finish()
+    except BackupError as exc:
+        content_error = str(exc)
+        if isinstance(consumer, ParserConsumer):
+            consumer.abort()
+    finally:
+        reader.fileobj.close()
+    if reader.sha256 != artifact["sha256"]:
+        checks.append(Check("sha256", FAIL, "%s has sha256 %s, manifest says %s" % (
+            repo.location(set_id, name), reader.sha256, artifact["sha256"]), name))
+    else:
+        checks.append(Check("sha256", OK, "sha256 matches (%d bytes)" % reader.size, name))
+    if deep:
+        if content_error:
+            checks.append(Check("readable", FAIL, "%s cannot be decrypted/decompressed/read: %s" % (
+                repo.location(set_id, name), content_error), name))
+        else:
+            status, detail = _check_content(artifact["content"], consumer)
+            checks.append(Check("readable", status, "%s: %s" % (name, detail), name))
+    return checks
+
+
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2.0
+
+
+def size_check(repo, manifest, tolerance_percent, history=7):
+    """Compare the database artifact with the median of recent sets of the same kind."""
+    def db_size(m):
+        return sum(a["size"] for a in m["artifacts"] if a["name"] == "database")
+
+    previous = []
+    for entry in list_catalog(repo, manifest["database"]):
+        if entry["state"] != "complete" or entry["id"] >= manifest["id"]:
+            continue
+        other = entry["manifest"]
+        if other["format"] == manifest["format"] and other.get("options") == manifest.get("options"):
+            previous.append(db_size(other))
+        if len(previous) >= history:
+            break
+    if not previous:
+        return Check("size_anomaly", OK, "no earlier set to compare with")
+    median = _median(previous)
+    size = db_size(manifest)
+    ratio = size / median if median else float("inf")
+    limit = 1.0 + tolerance_percent / 100.0
+    detail = "database artifact is %d bytes, %.2fx the median (%d) of the previous %d sets" % (
+        size, ratio, median, len(previous))
+    if ratio > limit or ratio < 1.0 / limit:
+        return Check("size_anomaly", FAIL, detail + "; allowed range %.2fx-%.2fx" % (1.0 / limit, limit))
+    return Check("size_anomaly", OK, detail)
+
+
+def verify_set(repo, set_id=None, database=None, passphrase_file=None, deep=True, max_age_hours=25.0,
+               size_tolerance_percent=50.0, pg_bin_dir=None, record=True, now=None):
+    """Run every check on one set (default: the newest) and record the outcome."""
+    now = now or utc_now()
+    if set_id is None:
+        entries = list_catalog(repo, database)
+        if not entries:
+            raise IntegrityError("no backup set%s found in %s" % (
+                " of database %r" % database if database else "", repo.url), "run a backup first")
+        set_id = entries[0]["id"]
+    checks = []
+    try:
+        manifest = load_manifest(repo, set_id)
+    except IntegrityError as exc:
+        checks.append(Check("manifest", FAIL, str(exc), "manifest.json"))
+        return _finish(repo, set_id, checks, record, now)
+    checks.append(Check("manifest", OK, "manifest present and valid (%d artifacts)" % len(manifest["artifacts"])))
+    encrypted = manifest["encryption"].get("method") != "none"
+    gpg_session = None
+    if deep and encrypted:
+        if not passphrase_file:
+            raise ConfigError("set %s is encrypted: a passphrase_file is needed for the decrypt test" % set_id,
+                              "set passphrase_file, or deep: false for checksums only")
+        gpg_session = pipeline.GpgSession(load_passphrase(passphrase_file))
+    try:
+        bin_dir = find_pg_bin_dir(None, pg_bin_dir) if deep else None
+        for artifact in manifest["artifacts"]:
+            checks.extend(verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep))
+    finally:
+        if gpg_session is not None:
+            gpg_session.close()
+    if max_age_hours:
+        age = (now - parse_time(manifest["finished_at"])).total_seconds() / 3600.0
+        status = OK if age <= max_age_hours else FAIL
+        checks.append(Check("age", status, "finished %.1f hours ago (limit %.1f)" % (age, max_age_hours)))
+    if size_tolerance_percent:
+        checks.append(size_check(repo, manifest, size_tolerance_percent))
+    return _finish(repo, set_id, checks, record, now, manifest)
+
+
+def _finish(repo, set_id, checks, record, now, manifest=None):
+    failed = [c for c in checks if c.status == FAIL]
+    outcome = {
+        "set_id": set_id,
+        "repository": repo.url,
+        "database": manifest["database"] if manifest else None,
+        "state": "failed" if failed else "ok",
+        "ok": not failed,
+        "verified_at": isoformat(now),
+        "checks": [c.as_dict() for c in checks],
+        "failures": [c.detail for c in failed],
+    }
+    if record:
+        try:
+            repo.write_verification(set_id, {k: outcome[k] for k in ("state", "verified_at", "checks")})
+        except (BackupError, OSError) as exc:
+            outcome["warnings"] = ["could not record the verification result: %s" % exc]
+    return outcome

@@ -1,0 +1,132 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The host agent: the same engine as the modules, run by cron.
+
+    python3 -m ansible_collections.clinic.backup.plugins.module_utils.agent backup --config FILE
+
+The config file is JSON whose keys are the modules' parameters (the role
+renders it from the same variables), so there is one vocabulary and one
+implementation.  Output is one JSON document on stdout; exit codes:
+0 success, 1 failure, 2 bad configuration, 75 another run holds the lock.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from .backup import BackupOptions, run_backup
+from .catalog import list_catalog
+from .errors import BackupError, ConfigError, LockedError
+from .metrics import write_job_metrics
+from .module_support import connection_from_params, error_result, local_repository, s3_repository
+from .verify import verify_set
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
+
+BACKUP_OPTION_KEYS = ("format", "jobs", "schema_only", "data_only", "tables", "exclude_tables", "compression",
+                      "compression_level", "compression_threads", "encrypt", "passphrase_file",
+                      "include_globals", "row_counts", "pg_bin_dir", "label", "stale_seconds")
+
+
+def load_config(path):
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except OSError as exc:
+        raise ConfigError("cannot read config %s: %s" % (path, exc.strerror))
+    except ValueError as exc:
+        raise ConfigError("config %s is not valid JSON: %s" % (path, exc))
+    if not isinstance(config, dict):
+        raise ConfigError("config %s must hold a JSON object" % path)
+    return config
+
+
+def repositories(config, for_writing):
+    repos = []
+    if config.get("repository"):
+        repos.append(local_repository(config["repository"], must_exist=not for_writing))
+    for target in config.get("s3_targets") or []:
+        repos.append(s3_repository(target, config))
+    if not repos:
+        raise ConfigError("the config names no repository and no s3_targets")
+    return repos
+
+
+def cmd_backup(config, args):
+    options = BackupOptions(**{k: config[k] for k in BACKUP_OPTION_KEYS if config.get(k) is not None})
+    return run_backup(connection_from_params(config), repositories(config, True), options)
+
+
+def cmd_verify(config, args):
+    verify_options = config.get("verify") or {}
+    outcome = verify_set(
+        repositories(config, False)[0], set_id=args.set_id, database=config.get("database"),
+        passphrase_file=config.get("passphrase_file"), deep=verify_options.get("deep", True),
+        max_age_hours=verify_options.get("max_age_hours", 25.0),
+        size_tolerance_percent=verify_options.get("size_tolerance_percent", 50.0),
+        pg_bin_dir=config.get("pg_bin_dir"),
+    )
+    if not outcome["ok"]:
+        error = BackupError("backup set %s failed verification: %s" % (outcome["set_id"],
+                                                                       "; ".join(outcome["failures"])))
+        error.result = outcome
+        raise error
+    return outcome
+
+
+def cmd_list(config, args):
+    sets = []
+    for repo in repositories(config, False):
+        sets.extend({k: v for k, v in e.items() if k != "manifest"}
+                    for e in list_catalog(repo, config.get("database")))
+    return {"sets": sets}
+
+
+COMMANDS = {"backup": cmd_backup, "verify": cmd_verify, "list": cmd_list}
+
+
+def _terminate(signum, _frame):
+    # Turn SIGTERM (cron timeout, systemd stop) into an exception so that
+    # staging files are removed and uploads aborted on the way out.
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="clinic-backup", description="clinic.backup host agent")
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("--config", required=True, help="JSON file with the module parameters")
+    parser.add_argument("--set-id", help="set to verify (default: the newest)")
+    parser.add_argument("--metrics-dir", help="write Prometheus textfile metrics here")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.time()
+    database = "unknown"
+    try:
+        config = load_config(args.config)
+        database = config.get("database") or "unknown"
+        result = COMMANDS[args.command](config, args)
+        code = EXIT_OK
+    except LockedError as exc:
+        result, code = error_result(exc), EXIT_LOCKED
+    except ConfigError as exc:
+        result, code = error_result(exc), EXIT_CONFIG
+    except BackupError as exc:
+        result, code = error_result(exc), EXIT_FAILED
+    result["ok"] = code == EXIT_OK
+    if args.metrics_dir and args.command in ("backup", "verify") and code != EXIT_LOCKED:
+        write_job_metrics(args.metrics_dir, args.command, database, code == EXIT_OK,
+                          duration=time.time() - started, size=result.get("size"))
+    json.dump(result, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

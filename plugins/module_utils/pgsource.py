@@ -249,7 +249,7 @@ _PLAIN_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
 
 def quote_ident(name):
     """Quote an identifier the way PostgreSQL does, only when needed."""
-    if _PLAIN_IDENT.match(name):
+    if _PLAIN_IDENT.fullmatch(name):
         return name
     return '"%s"' % name.replace('"', '""')
 

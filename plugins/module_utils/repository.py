@@ -46,14 +46,14 @@ def safe_name(text, limit=48):
 
 
 def check_set_id(set_id):
-    if not isinstance(set_id, str) or not SET_ID_RE.match(set_id):
+    if not isinstance(set_id, str) or not SET_ID_RE.fullmatch(set_id):
         raise ConfigError("%r is not a backup set id" % (set_id,),
                           "use an id from the catalog, e.g. 20261122T010000Z-clinic_db-1a2b3c")
     return set_id
 
 
 def check_file_name(name):
-    if not isinstance(name, str) or not FILE_NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not FILE_NAME_RE.fullmatch(name) or ".." in name:
         raise StoreError("refusing artifact name %r from a manifest" % (name,),
                          "the manifest may be tampered with: restore from another set")
     return name
@@ -234,7 +234,7 @@ class LocalRepository(object):
             if exc.errno == errno.ENOENT:
                 return []
             raise _store_error("list", root, exc)
-        return sorted((n for n in names if SET_ID_RE.match(n) and os.path.isfile(os.path.join(root, n, MANIFEST))),
+        return sorted((n for n in names if SET_ID_RE.fullmatch(n) and os.path.isfile(os.path.join(root, n, MANIFEST))),
                       reverse=True)
 
     def read_file(self, set_id, filename):
@@ -375,7 +375,7 @@ class S3Repository(object):
         ids = set()
         for key in keys:
             parts = key.split("/")
-            if len(parts) >= 2 and parts[-1] == MANIFEST and SET_ID_RE.match(parts[-2]):
+            if len(parts) >= 2 and parts[-1] == MANIFEST and SET_ID_RE.fullmatch(parts[-2]):
                 ids.add(parts[-2])
         return sorted(ids, reverse=True)
 

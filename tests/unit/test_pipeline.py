@@ -1,0 +1,92 @@
+"""The pipeline: failures of any stage surface, output is hashed, gpg output is stock-decryptable."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+import pytest
+
+from ansible_collections.clinic.backup.plugins.module_utils import pipeline
+from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError, ConfigError
+
+
+def collect(stages, source=None):
+    out = []
+    result = pipeline.run_stream(stages, out.append, source=source)
+    return b"".join(out), result
+
+
+def test_output_is_hashed_and_counted():
+    data, result = collect([pipeline.Stage("printf", ["printf", "hello"])])
+    assert data == b"hello" and result.size == 5
+    assert result.sha256 == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_failing_producer_is_named_with_its_stderr():
+    with pytest.raises(BackupError, match=r"producer failed with exit code 3: boom"):
+        collect([pipeline.Stage("producer", ["sh", "-c", "echo boom >&2; exit 3"]),
+                 pipeline.Stage("zstd", pipeline.compress_argv("zstd"))])
+
+
+def test_failing_middle_stage_is_named():
+    with pytest.raises(BackupError, match="broken filter failed"):
+        collect([pipeline.Stage("yes", ["head", "-c", "1000000", "/dev/zero"]),
+                 pipeline.Stage("broken filter", ["sh", "-c", "head -c 10 >/dev/null; exit 4"])])
+
+
+def test_consumer_exception_stops_the_pipeline():
+    def consume(_chunk):
+        raise RuntimeError("disk gone")
+
+    stages = [pipeline.Stage("zero", ["head", "-c", "50000000", "/dev/zero"])]
+    with pytest.raises(RuntimeError, match="disk gone"):
+        pipeline.run_stream(stages, consume)
+    assert stages[0].proc.poll() is not None
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_compression_round_trip(compression):
+    payload = os.urandom(1000) * 500
+    packed, _ = collect([pipeline.Stage(compression, pipeline.compress_argv(compression))],
+                        source=iter([payload]))
+    unpacked, _ = collect([pipeline.Stage("d", pipeline.decompress_argv(compression))], source=iter([packed]))
+    assert unpacked == payload and len(packed) < len(payload)
+
+
+@pytest.mark.parametrize("compression,level", [("zstd", 0), ("zstd", 20), ("gzip", 10), ("lz4", None)])
+def test_bad_compression_settings_are_config_errors(compression, level):
+    with pytest.raises(ConfigError):
+        pipeline.compress_argv(compression, level)
+
+
+def test_gpg_output_decrypts_with_stock_gpg(tmp_path):
+    passphrase = b"a long and random passphrase"
+    with pipeline.GpgSession(passphrase) as session:
+        argv, fd = session.encrypt_stage()
+        assert passphrase.decode() not in " ".join(argv)
+        encrypted, _ = collect([pipeline.Stage("gpg", argv, pass_fds=(fd,))], source=iter([b"patient data\n"]))
+    assert b"patient data" not in encrypted
+    assert not os.path.exists(session.home)
+    pass_file = tmp_path / "pass"
+    pass_file.write_bytes(passphrase + b"\n")
+    blob = tmp_path / "x.gpg"
+    blob.write_bytes(encrypted)
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    out = subprocess.run(["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback",
+                          "--passphrase-file", str(pass_file), "--decrypt", str(blob)],
+                         capture_output=True, check=True)
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
+    assert out.stdout == b"patient data\n"
+
+
+def test_wrong_passphrase_fails_decryption():
+    with pipeline.GpgSession(b"right") as session:
+        argv, fd = session.encrypt_stage()
+        encrypted, _ = collect([pipeline.Stage("gpg", argv, pass_fds=(fd,))], source=iter([b"x" * 100]))
+    with pipeline.GpgSession(b"wrong") as session:
+        argv, fd = session.decrypt_stage()
+        with pytest.raises(BackupError, match="gpg decryption failed"):
+            collect([pipeline.Stage("gpg decryption", argv, pass_fds=(fd,))], source=iter([encrypted]))

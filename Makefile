@@ -1,0 +1,49 @@
+# clinic.backup — the two set-up commands are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+PYTHON := $(VENV)/bin/python
+export VENV
+
+.PHONY: help bootstrap demo test lint pytest test-unit test-integration sanity galaxy-import bench clean
+
+help:
+	@echo "make demo   - back up a local PostgreSQL (throwaway sample cluster unless DATABASE_URL is set)"
+	@echo "make test   - install what is needed (apt + .venv) and run every gate and test"
+	@echo "make bench  - time a backup against bare pg_dump baselines (BENCH_SCALE=...)"
+
+bootstrap:
+	bash scripts/bootstrap.sh
+
+demo: bootstrap
+	$(PYTHON) scripts/demo.py
+
+# Cheap gates first so that a lint slip fails in seconds, the slow sanity run last.
+test: bootstrap
+	bash scripts/gates/lint.sh
+	$(PYTHON) -m pytest tests
+	bash scripts/gates/sanity.sh
+	bash scripts/gates/galaxy-import.sh
+
+lint: bootstrap
+	bash scripts/gates/lint.sh
+
+pytest: bootstrap
+	$(PYTHON) -m pytest tests
+
+test-unit: bootstrap
+	$(PYTHON) -m pytest tests/unit
+
+test-integration: bootstrap
+	$(PYTHON) -m pytest tests/integration
+
+sanity: bootstrap
+	bash scripts/gates/sanity.sh
+
+galaxy-import: bootstrap
+	bash scripts/gates/galaxy-import.sh
+
+bench: bootstrap
+	$(PYTHON) bench/bench_backup.py
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache tests/output

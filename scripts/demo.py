@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """`make demo`: back up a PostgreSQL database on this machine with the
 local inventory, verify it, and show what was stored where.
 
@@ -44,8 +44,14 @@ def passphrase() -> Path:
 
 
 def run_playbook(name: str, extra_vars: Path, env: dict[str, str]) -> None:
-    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(REPO_ROOT / "inventories/local"),
-            str(REPO_ROOT / "playbooks" / name), "-e", "@" + str(extra_vars)]
+    argv = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        "-i",
+        str(REPO_ROOT / "inventories/local"),
+        str(REPO_ROOT / "playbooks" / name),
+        "-e",
+        "@" + str(extra_vars),
+    ]
     print("\n$ " + " ".join(argv), flush=True)
     subprocess.run(argv, env=env, check=True, cwd=REPO_ROOT)
 
@@ -67,15 +73,21 @@ def main() -> int:
     vars_file = DEMO / "vars.json"
     cluster = None
     try:
-        demo_vars = {"clinic_backup_repository": str(repository),
-                     "clinic_backup_passphrase_file": str(passphrase())}
+        demo_vars = {
+            "clinic_backup_repository": str(repository),
+            "clinic_backup_passphrase_file": str(passphrase()),
+        }
         url = os.environ.get("DATABASE_URL")
         if url:
             print("Backing up DATABASE_URL (its password stays out of every command line)")
             # Empty values blank out the inventory's login settings (the playbook omits them).
-            demo_vars.update(clinic_backup_database_url=url, clinic_backup_login_host="",
-                             clinic_backup_login_port="", clinic_backup_login_user="",
-                             clinic_backup_passfile="")
+            demo_vars.update(
+                clinic_backup_database_url=url,
+                clinic_backup_login_host="",
+                clinic_backup_login_port="",
+                clinic_backup_login_user="",
+                clinic_backup_passfile="",
+            )
             # The database name comes from the URL.
             demo_vars["clinic_backup_database"] = url.rsplit("/", 1)[-1].split("?")[0]
         else:
@@ -86,15 +98,24 @@ def main() -> int:
             cluster.create_role("clinic_user", password)
             cluster.create_database("clinic_db", owner="clinic_user")
             load_clinic_dataset(cluster, "clinic_db", owner="clinic_user", scale=0.2)
-            passfile = private_file(DEMO / "pgpass", "127.0.0.1:%d:*:clinic_user:%s\n" % (cluster.port, password))
-            demo_vars.update(clinic_backup_login_port=cluster.port, clinic_backup_passfile=str(passfile))
-        private_file(vars_file, json.dumps({k: v for k, v in demo_vars.items() if v is not None}, indent=2))
+            passfile = private_file(
+                DEMO / "pgpass", "127.0.0.1:%d:*:clinic_user:%s\n" % (cluster.port, password)
+            )
+            demo_vars.update(
+                clinic_backup_login_port=cluster.port, clinic_backup_passfile=str(passfile)
+            )
+        private_file(
+            vars_file, json.dumps({k: v for k, v in demo_vars.items() if v is not None}, indent=2)
+        )
         run_playbook("backup.yml", vars_file, env)
         run_playbook("verify.yml", vars_file, env)
         show_repository(repository)
-        print("\nEmergency restore by hand (stock tools only):\n"
-              "  gpg --batch --pinentry-mode loopback --passphrase-file %s --decrypt SET/clinic_db.dump.zst.gpg"
-              " | zstd -d | pg_restore --list" % (DEMO / "backup-passphrase"))
+        print(
+            "\nEmergency restore by hand (stock tools only):\n"
+            "  gpg --batch --pinentry-mode loopback --passphrase-file %s"
+            " --decrypt SET/clinic_db.dump.zst.gpg | zstd -d | pg_restore --list"
+            % (DEMO / "backup-passphrase")
+        )
     finally:
         if cluster is not None:
             cluster.destroy()

@@ -30,9 +30,24 @@ from .verify import verify_set
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
 
-BACKUP_OPTION_KEYS = ("format", "jobs", "schema_only", "data_only", "tables", "exclude_tables", "compression",
-                      "compression_level", "compression_threads", "encrypt", "passphrase_file",
-                      "include_globals", "row_counts", "pg_bin_dir", "label", "stale_seconds")
+BACKUP_OPTION_KEYS = (
+    "format",
+    "jobs",
+    "schema_only",
+    "data_only",
+    "tables",
+    "exclude_tables",
+    "compression",
+    "compression_level",
+    "compression_threads",
+    "encrypt",
+    "passphrase_file",
+    "include_globals",
+    "row_counts",
+    "pg_bin_dir",
+    "label",
+    "stale_seconds",
+)
 
 
 def load_config(path):
@@ -40,9 +55,9 @@ def load_config(path):
         with open(path) as handle:
             config = json.load(handle)
     except OSError as exc:
-        raise ConfigError("cannot read config %s: %s" % (path, exc.strerror))
+        raise ConfigError("cannot read config %s: %s" % (path, exc.strerror)) from exc
     except ValueError as exc:
-        raise ConfigError("config %s is not valid JSON: %s" % (path, exc))
+        raise ConfigError("config %s is not valid JSON: %s" % (path, exc)) from exc
     if not isinstance(config, dict):
         raise ConfigError("config %s must hold a JSON object" % path)
     return config
@@ -60,22 +75,29 @@ def repositories(config, for_writing):
 
 
 def cmd_backup(config, args):
-    options = BackupOptions(**{k: config[k] for k in BACKUP_OPTION_KEYS if config.get(k) is not None})
+    options = BackupOptions(
+        **{k: config[k] for k in BACKUP_OPTION_KEYS if config.get(k) is not None}
+    )
     return run_backup(connection_from_params(config), repositories(config, True), options)
 
 
 def cmd_verify(config, args):
     verify_options = config.get("verify") or {}
     outcome = verify_set(
-        repositories(config, False)[0], set_id=args.set_id, database=config.get("database"),
-        passphrase_file=config.get("passphrase_file"), deep=verify_options.get("deep", True),
+        repositories(config, False)[0],
+        set_id=args.set_id,
+        database=config.get("database"),
+        passphrase_file=config.get("passphrase_file"),
+        deep=verify_options.get("deep", True),
         max_age_hours=verify_options.get("max_age_hours", 25.0),
         size_tolerance_percent=verify_options.get("size_tolerance_percent", 50.0),
         pg_bin_dir=config.get("pg_bin_dir"),
     )
     if not outcome["ok"]:
-        error = BackupError("backup set %s failed verification: %s" % (outcome["set_id"],
-                                                                       "; ".join(outcome["failures"])))
+        error = BackupError(
+            "backup set %s failed verification: %s"
+            % (outcome["set_id"], "; ".join(outcome["failures"]))
+        )
         error.result = outcome
         raise error
     return outcome
@@ -84,8 +106,10 @@ def cmd_verify(config, args):
 def cmd_list(config, args):
     sets = []
     for repo in repositories(config, False):
-        sets.extend({k: v for k, v in e.items() if k != "manifest"}
-                    for e in list_catalog(repo, config.get("database")))
+        sets.extend(
+            {k: v for k, v in e.items() if k != "manifest"}
+            for e in list_catalog(repo, config.get("database"))
+        )
     return {"sets": sets}
 
 
@@ -121,12 +145,18 @@ def main(argv=None):
         result, code = error_result(exc), EXIT_FAILED
     result["ok"] = code == EXIT_OK
     if args.metrics_dir and args.command in ("backup", "verify") and code != EXIT_LOCKED:
-        write_job_metrics(args.metrics_dir, args.command, database, code == EXIT_OK,
-                          duration=time.time() - started, size=result.get("size"))
+        write_job_metrics(
+            args.metrics_dir,
+            args.command,
+            database,
+            code == EXIT_OK,
+            duration=time.time() - started,
+            size=result.get("size"),
+        )
     json.dump(result, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

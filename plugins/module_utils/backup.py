@@ -42,17 +42,36 @@ GLOBALS_CONTENT = "pg_dumpall-globals"
 class BackupOptions(object):
     """What to dump and how; validated on construction (ConfigError)."""
 
-    def __init__(self, format="custom", jobs=1, schema_only=False, data_only=False, tables=None,
-                 exclude_tables=None, compression="zstd", compression_level=None, compression_threads=0,
-                 encrypt=True, passphrase_file=None, include_globals=True, row_counts=True,
-                 pg_bin_dir=None, label=None, stale_seconds=3600):
+    def __init__(
+        self,
+        format="custom",
+        jobs=1,
+        schema_only=False,
+        data_only=False,
+        tables=None,
+        exclude_tables=None,
+        compression="zstd",
+        compression_level=None,
+        compression_threads=0,
+        encrypt=True,
+        passphrase_file=None,
+        include_globals=True,
+        row_counts=True,
+        pg_bin_dir=None,
+        label=None,
+        stale_seconds=3600,
+    ):
         if format not in FORMATS:
-            raise ConfigError("unknown dump format %r" % (format,), "choose custom, plain or directory")
+            raise ConfigError(
+                "unknown dump format %r" % (format,), "choose custom, plain or directory"
+            )
         jobs = int(jobs)
         if jobs < 1:
             raise ConfigError("jobs must be at least 1 (got %d)" % jobs)
         if jobs > 1 and format != "directory":
-            raise ConfigError("parallel jobs need format=directory", "set format: directory or jobs: 1")
+            raise ConfigError(
+                "parallel jobs need format=directory", "set format: directory or jobs: 1"
+            )
         if schema_only and data_only:
             raise ConfigError("schema_only and data_only exclude each other", "choose one")
         self.format = format
@@ -64,14 +83,25 @@ class BackupOptions(object):
         self.table_patterns = [table_pattern(t) for t in self.tables]
         self.exclude_patterns = [table_pattern(t) for t in self.exclude_tables]
         self.compression = compression
-        self.compress_argv = pipeline.compress_argv(compression, compression_level, compression_threads)
-        self.compression_level = None if compression == "none" else int(
-            compression_level if compression_level is not None else pipeline.DEFAULT_LEVEL[compression])
+        self.compress_argv = pipeline.compress_argv(
+            compression, compression_level, compression_threads
+        )
+        self.compression_level = (
+            None
+            if compression == "none"
+            else int(
+                compression_level
+                if compression_level is not None
+                else pipeline.DEFAULT_LEVEL[compression]
+            )
+        )
         self.encrypt = bool(encrypt)
         self.passphrase_file = passphrase_file
         if self.encrypt and not passphrase_file:
-            raise ConfigError("encryption is on but no passphrase_file is set",
-                              "set passphrase_file to a 0600 file, or encrypt: false to store plaintext on purpose")
+            raise ConfigError(
+                "encryption is on but no passphrase_file is set",
+                "set passphrase_file to a 0600 file, or encrypt: false to store plaintext on purpose",
+            )
         self.include_globals = bool(include_globals)
         self.row_counts = bool(row_counts) and not self.schema_only
         self.pg_bin_dir = pg_bin_dir
@@ -84,8 +114,12 @@ class BackupOptions(object):
 
     def describe(self):
         return {
-            "jobs": self.jobs, "schema_only": self.schema_only, "data_only": self.data_only,
-            "tables": self.tables, "exclude_tables": self.exclude_tables, "include_globals": self.include_globals,
+            "jobs": self.jobs,
+            "schema_only": self.schema_only,
+            "data_only": self.data_only,
+            "tables": self.tables,
+            "exclude_tables": self.exclude_tables,
+            "include_globals": self.include_globals,
         }
 
 
@@ -113,7 +147,12 @@ def pg_dump_argv(bin_dir, options, snapshot_id, output_dir=None):
 
 
 def pg_dumpall_globals_argv(bin_dir, dbname, superuser):
-    argv = [os.path.join(bin_dir, "pg_dumpall"), "--no-password", "--globals-only", "--database=%s" % dbname]
+    argv = [
+        os.path.join(bin_dir, "pg_dumpall"),
+        "--no-password",
+        "--globals-only",
+        "--database=%s" % dbname,
+    ]
     if not superuser:
         # Non-superusers cannot read pg_authid; roles are kept, their passwords are not.
         argv.append("--no-role-passwords")
@@ -151,7 +190,11 @@ class TargetStream(object):
             self.fail(exc)
 
     def fail(self, exc):
-        self.error = exc if isinstance(exc, BackupError) else StoreError("%s: %s" % (exc.__class__.__name__, exc))
+        self.error = (
+            exc
+            if isinstance(exc, BackupError)
+            else StoreError("%s: %s" % (exc.__class__.__name__, exc))
+        )
         if self.sink is not None:
             self.sink.abort()
 
@@ -164,7 +207,9 @@ class MultiTarget(object):
         for stream in self.streams:
             stream.write(chunk)
         if all(stream.error is not None for stream in self.streams):
-            raise StoreError("every target failed: %s" % "; ".join(str(s.error) for s in self.streams))
+            raise StoreError(
+                "every target failed: %s" % "; ".join(str(s.error) for s in self.streams)
+            )
 
 
 class Target(object):
@@ -175,8 +220,12 @@ class Target(object):
         self.committed = False
 
     def report(self):
-        return {"repository": self.repo.url, "kind": self.repo.kind, "ok": self.committed,
-                "error": str(self.error) if self.error else None}
+        return {
+            "repository": self.repo.url,
+            "kind": self.repo.kind,
+            "ok": self.committed,
+            "error": str(self.error) if self.error else None,
+        }
 
 
 def _stream_artifact(targets, filename, stages):
@@ -214,7 +263,9 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
     when some target failed (the result is attached as ``exc.result``).
     """
     if not repositories:
-        raise ConfigError("no backup target given", "set a local repository and/or at least one S3 target")
+        raise ConfigError(
+            "no backup target given", "set a local repository and/or at least one S3 target"
+        )
     passphrase = load_passphrase(options.passphrase_file) if options.encrypt else None
     for repo in repositories:
         repo.check_writable()
@@ -224,21 +275,39 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
         bin_dir = find_pg_bin_dir(snapshot.server_major, options.pg_bin_dir)
         missing = snapshot.missing_tables(options.table_patterns)
         if missing:
-            raise ConfigError("table(s) not found in database %r: %s" % (connection.dbname, ", ".join(missing)),
-                              "check the names (schema.table, case-sensitive) against \\dt")
+            raise ConfigError(
+                "table(s) not found in database %r: %s" % (connection.dbname, ", ".join(missing)),
+                "check the names (schema.table, case-sensitive) against \\dt",
+            )
         set_id = new_set_id(connection.dbname, started)
         if check_mode:
-            return {"changed": True, "set_id": set_id, "database": connection.dbname,
-                    "targets": [r.url for r in repositories], "check_mode": True}
+            return {
+                "changed": True,
+                "set_id": set_id,
+                "database": connection.dbname,
+                "targets": [r.url for r in repositories],
+                "check_mode": True,
+            }
         with RunLock(lock_path_for(repositories)):
             for repo in repositories:
                 repo.ensure_layout()
                 repo.cleanup_incomplete(older_than_seconds=options.stale_seconds)
-            return _take_set(connection, repositories, options, snapshot, bin_dir, passphrase, set_id,
-                             started, clock)
+            return _take_set(
+                connection,
+                repositories,
+                options,
+                snapshot,
+                bin_dir,
+                passphrase,
+                set_id,
+                started,
+                clock,
+            )
 
 
-def _take_set(connection, repositories, options, snapshot, bin_dir, passphrase, set_id, started, clock):
+def _take_set(
+    connection, repositories, options, snapshot, bin_dir, passphrase, set_id, started, clock
+):
     targets = [Target(repo) for repo in repositories]
     gpg_session = pipeline.GpgSession(passphrase) if passphrase else None
     scratch = None
@@ -258,25 +327,53 @@ def _take_set(connection, repositories, options, snapshot, bin_dir, passphrase, 
         if options.format == "directory":
             scratch = _scratch_dir(targets)
             dump_dir = os.path.join(scratch, "dump")
-            _run_checked(pg_dump_argv(bin_dir, options, snapshot.snapshot_id, dump_dir), env, "pg_dump")
-            producer = pipeline.Stage("tar", [shutil.which("tar") or "tar", "-C", dump_dir, "-cf", "-", "."])
+            _run_checked(
+                pg_dump_argv(bin_dir, options, snapshot.snapshot_id, dump_dir), env, "pg_dump"
+            )
+            producer = pipeline.Stage(
+                "tar", [shutil.which("tar") or "tar", "-C", dump_dir, "-cf", "-", "."]
+            )
         else:
-            producer = pipeline.Stage("pg_dump", pg_dump_argv(bin_dir, options, snapshot.snapshot_id), env=env)
-        result, locations = _stream_artifact(targets, db_file, [producer] + _filter_stages(options, gpg_session))
-        artifacts.append({"name": "database", "file": db_file, "content": content, "size": result.size,
-                          "sha256": result.sha256, "locations": locations})
+            producer = pipeline.Stage(
+                "pg_dump", pg_dump_argv(bin_dir, options, snapshot.snapshot_id), env=env
+            )
+        result, locations = _stream_artifact(
+            targets, db_file, [producer] + _filter_stages(options, gpg_session)
+        )
+        artifacts.append(
+            {
+                "name": "database",
+                "file": db_file,
+                "content": content,
+                "size": result.size,
+                "sha256": result.sha256,
+                "locations": locations,
+            }
+        )
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
             scratch = None
         if options.include_globals:
             globals_file = options.artifact_file("globals", ".sql")
-            producer = pipeline.Stage("pg_dumpall", pg_dumpall_globals_argv(
-                bin_dir, connection.dbname, snapshot.is_superuser), env=env)
-            result, locations = _stream_artifact(targets, globals_file,
-                                                 [producer] + _filter_stages(options, gpg_session))
-            artifacts.append({"name": "globals", "file": globals_file, "content": GLOBALS_CONTENT,
-                              "size": result.size, "sha256": result.sha256, "locations": locations,
-                              "role_passwords": bool(snapshot.is_superuser)})
+            producer = pipeline.Stage(
+                "pg_dumpall",
+                pg_dumpall_globals_argv(bin_dir, connection.dbname, snapshot.is_superuser),
+                env=env,
+            )
+            result, locations = _stream_artifact(
+                targets, globals_file, [producer] + _filter_stages(options, gpg_session)
+            )
+            artifacts.append(
+                {
+                    "name": "globals",
+                    "file": globals_file,
+                    "content": GLOBALS_CONTENT,
+                    "size": result.size,
+                    "sha256": result.sha256,
+                    "locations": locations,
+                    "role_passwords": bool(snapshot.is_superuser),
+                }
+            )
         if counter is not None:
             counter.join()
             if "error" in counts:
@@ -289,14 +386,21 @@ def _take_set(connection, repositories, options, snapshot, bin_dir, passphrase, 
             "host": socket.gethostname(),
             "database": connection.dbname,
             "label": options.label,
-            "server": {"version": snapshot.server_version, "version_num": snapshot.server_version_num,
-                       "host": connection.params.get("host"), "port": connection.params.get("port")},
+            "server": {
+                "version": snapshot.server_version,
+                "version_num": snapshot.server_version_num,
+                "host": connection.params.get("host"),
+                "port": connection.params.get("port"),
+            },
             "pg_dump_version": tool_version(bin_dir),
             "format": options.format,
             "options": options.describe(),
             "compression": {"algorithm": options.compression, "level": options.compression_level},
-            "encryption": ({"method": "gpg-symmetric", "cipher": "AES256"} if options.encrypt
-                           else {"method": "none"}),
+            "encryption": (
+                {"method": "gpg-symmetric", "cipher": "AES256"}
+                if options.encrypt
+                else {"method": "none"}
+            ),
             "snapshot": {"consistent": snapshot.snapshot_id is not None},
             "artifacts": [{k: v for k, v in a.items() if k != "locations"} for a in artifacts],
             "row_counts": counts.get("counts"),
@@ -320,7 +424,9 @@ def _take_set(connection, repositories, options, snapshot, bin_dir, passphrase, 
                 try:
                     target.repo.write_latest(connection.dbname, set_id)
                 except (BackupError, OSError) as exc:
-                    warnings.append("could not update the newest-set pointer in %s: %s" % (target.repo.url, exc))
+                    warnings.append(
+                        "could not update the newest-set pointer in %s: %s" % (target.repo.url, exc)
+                    )
     except BaseException:
         for target in targets:
             if target.writer is not None and not target.committed:
@@ -347,10 +453,15 @@ def _take_set(connection, repositories, options, snapshot, bin_dir, passphrase, 
     failed = [t for t in targets if not t.committed]
     if failed:
         error = BackupError(
-            "backup set %s was not stored in %s: %s" % (
-                set_id, ", ".join(t.repo.url for t in failed), "; ".join(str(t.error) for t in failed)),
-            "the set is complete in %s; the next run retries" % ", ".join(
-                t.repo.url for t in targets if t.committed))
+            "backup set %s was not stored in %s: %s"
+            % (
+                set_id,
+                ", ".join(t.repo.url for t in failed),
+                "; ".join(str(t.error) for t in failed),
+            ),
+            "the set is complete in %s; the next run retries"
+            % ", ".join(t.repo.url for t in targets if t.committed),
+        )
         error.result = result
         raise error
     return result
@@ -380,9 +491,15 @@ def _run_checked(argv, env, name):
     import subprocess
 
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                              check=False)
+        proc = subprocess.run(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            check=False,
+        )
         if proc.returncode != 0:
             err.seek(0)
-            tail = err.read()[-pipeline.STDERR_TAIL:].decode("utf-8", "replace").strip()
+            tail = err.read()[-pipeline.STDERR_TAIL :].decode("utf-8", "replace").strip()
             raise BackupError("%s failed with exit code %d: %s" % (name, proc.returncode, tail))

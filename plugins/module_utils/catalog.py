@@ -19,8 +19,17 @@ from .errors import IntegrityError
 from .repository import MANIFEST, VERIFICATION, check_file_name
 
 FORMAT_VERSION = 1
-REQUIRED_FIELDS = ("format_version", "id", "database", "format", "compression", "encryption", "artifacts",
-                   "started_at", "finished_at")
+REQUIRED_FIELDS = (
+    "format_version",
+    "id",
+    "database",
+    "format",
+    "compression",
+    "encryption",
+    "artifacts",
+    "started_at",
+    "finished_at",
+)
 ARTIFACT_FIELDS = ("name", "file", "content", "size", "sha256")
 
 
@@ -32,15 +41,22 @@ def validate_manifest(data, set_id):
     if missing:
         raise IntegrityError("manifest of %s lacks %s" % (set_id, ", ".join(missing)))
     if data["id"] != set_id:
-        raise IntegrityError("manifest of %s names another set (%s)" % (set_id, data["id"]),
-                             "the manifest was copied or tampered with")
+        raise IntegrityError(
+            "manifest of %s names another set (%s)" % (set_id, data["id"]),
+            "the manifest was copied or tampered with",
+        )
     if data["format_version"] > FORMAT_VERSION:
-        raise IntegrityError("manifest of %s has format %s, newer than this tool understands" % (
-            set_id, data["format_version"]), "upgrade clinic.backup")
+        raise IntegrityError(
+            "manifest of %s has format %s, newer than this tool understands"
+            % (set_id, data["format_version"]),
+            "upgrade clinic.backup",
+        )
     if not isinstance(data["artifacts"], list) or not data["artifacts"]:
         raise IntegrityError("manifest of %s lists no artifacts" % set_id)
     for artifact in data["artifacts"]:
-        if not isinstance(artifact, dict) or any(field not in artifact for field in ARTIFACT_FIELDS):
+        if not isinstance(artifact, dict) or any(
+            field not in artifact for field in ARTIFACT_FIELDS
+        ):
             raise IntegrityError("manifest of %s has a malformed artifact entry" % set_id)
         check_file_name(artifact["file"])
     return data
@@ -49,12 +65,16 @@ def validate_manifest(data, set_id):
 def load_manifest(repo, set_id):
     raw = repo.read_file(set_id, MANIFEST)
     if raw is None:
-        raise IntegrityError("backup set %s has no manifest in %s" % (set_id, repo.url),
-                             "a set without a manifest is incomplete: use another set")
+        raise IntegrityError(
+            "backup set %s has no manifest in %s" % (set_id, repo.url),
+            "a set without a manifest is incomplete: use another set",
+        )
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise IntegrityError("manifest of %s in %s is not valid JSON: %s" % (set_id, repo.url, exc))
+        raise IntegrityError(
+            "manifest of %s in %s is not valid JSON: %s" % (set_id, repo.url, exc)
+        ) from exc
     return validate_manifest(data, set_id)
 
 

@@ -22,7 +22,9 @@ def lock_path_for(repositories):
     for repo in repositories:
         if repo.kind == "local":
             return os.path.join(repo.path, ".lock")
-    digest = hashlib.sha256("|".join(sorted(r.url for r in repositories)).encode("utf-8")).hexdigest()[:16]
+    digest = hashlib.sha256(
+        "|".join(sorted(r.url for r in repositories)).encode("utf-8")
+    ).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "clinic-backup-%s.lock" % digest)
 
 
@@ -35,17 +37,21 @@ class RunLock(object):
         directory = os.path.dirname(self.path)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            self.fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600
+            )
         except OSError as exc:
-            raise StoreError("cannot open lock file %s: %s" % (self.path, exc.strerror))
+            raise StoreError("cannot open lock file %s: %s" % (self.path, exc.strerror)) from exc
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(self.fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(self.fd)
             self.fd = None
-            raise LockedError("already running: another backup holds %s (pid %s)" % (self.path, holder),
-                              "wait for it to finish; a killed run releases the lock by itself")
+            raise LockedError(
+                "already running: another backup holds %s (pid %s)" % (self.path, holder),
+                "wait for it to finish; a killed run releases the lock by itself",
+            ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode("ascii"), 0)
         return self

@@ -45,9 +45,17 @@ def write_job_metrics(directory, job, database, ok, duration=None, size=None, no
     labels = '{database="%s",job="%s"}' % (_escape(database), _escape(job))
     last_success = now if ok else previous.get("clinic_backup_last_success_timestamp_seconds", 0)
     rows = [
-        ("clinic_backup_last_status", "0 when the last run succeeded, 1 when it failed", 0 if ok else 1),
+        (
+            "clinic_backup_last_status",
+            "0 when the last run succeeded, 1 when it failed",
+            0 if ok else 1,
+        ),
         ("clinic_backup_last_run_timestamp_seconds", "Unix time the last run ended", now),
-        ("clinic_backup_last_success_timestamp_seconds", "Unix time of the last successful run", last_success),
+        (
+            "clinic_backup_last_success_timestamp_seconds",
+            "Unix time of the last successful run",
+            last_success,
+        ),
     ]
     if duration is not None:
         rows.append(("clinic_backup_last_duration_seconds", "Wall time of the last run", duration))

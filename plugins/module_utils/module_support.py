@@ -21,7 +21,9 @@ CONNECTION_ARGS = dict(
     login_user=dict(type="str", aliases=["login", "user"]),
     login_password=dict(type="str", no_log=True),
     passfile=dict(type="path", no_log=False),
-    ssl_mode=dict(type="str", choices=["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]),
+    ssl_mode=dict(
+        type="str", choices=["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+    ),
     connect_timeout=dict(type="int", default=15),
     pg_bin_dir=dict(type="path"),
 )
@@ -65,15 +67,25 @@ def connection_from_params(params):
 def s3_repository(target, params):
     """S3Repository for one target dict, credentials from params or the boto3 chain."""
     client = s3util.make_client(
-        region=target.get("region"), endpoint_url=target.get("endpoint_url"), profile=params.get("aws_profile"),
-        access_key=params.get("aws_access_key"), secret_key=params.get("aws_secret_key"),
-        session_token=params.get("aws_session_token"), retries=params.get("s3_retries") or 8,
+        region=target.get("region"),
+        endpoint_url=target.get("endpoint_url"),
+        profile=params.get("aws_profile"),
+        access_key=params.get("aws_access_key"),
+        secret_key=params.get("aws_secret_key"),
+        session_token=params.get("aws_session_token"),
+        retries=params.get("s3_retries") or 8,
     )
-    extra = s3util.upload_extra_args(target.get("sse") or "none", target.get("kms_key_id"),
-                                     target.get("storage_class"))
-    return S3Repository(client, target["bucket"], target.get("prefix") or "",
-                        part_size=(params.get("s3_part_size_mb") or 16) * s3util.MiB,
-                        concurrency=params.get("s3_concurrency") or 4, extra_args=extra)
+    extra = s3util.upload_extra_args(
+        target.get("sse") or "none", target.get("kms_key_id"), target.get("storage_class")
+    )
+    return S3Repository(
+        client,
+        target["bucket"],
+        target.get("prefix") or "",
+        part_size=(params.get("s3_part_size_mb") or 16) * s3util.MiB,
+        concurrency=params.get("s3_concurrency") or 4,
+        extra_args=extra,
+    )
 
 
 def s3_target_options():

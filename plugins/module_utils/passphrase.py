@@ -39,30 +39,35 @@ def load_passphrase(path):
             raise ConfigError(
                 "passphrase file %s is a symlink" % path,
                 "point passphrase_file at the real file",
-            )
+            ) from exc
         raise ConfigError(
             "cannot open passphrase file %s: %s" % (path, exc.strerror),
-            "create it with mode 0600 (e.g. install -m 0600 /dev/null %s, then write the passphrase)" % path,
-        )
+            "create it with mode 0600 (e.g. install -m 0600 /dev/null %s, then write the passphrase)"
+            % path,
+        ) from exc
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError("passphrase file %s is not a regular file" % path)
         if info.st_mode & 0o077:
             raise ConfigError(
-                "passphrase file %s has loose permissions %s" % (path, oct(stat.S_IMODE(info.st_mode))),
+                "passphrase file %s has loose permissions %s"
+                % (path, oct(stat.S_IMODE(info.st_mode))),
                 "run: chmod 0600 %s" % path,
             )
         if info.st_uid not in (0, os.geteuid()):
             raise ConfigError(
-                "passphrase file %s is owned by uid %d, not by this user or root" % (path, info.st_uid),
+                "passphrase file %s is owned by uid %d, not by this user or root"
+                % (path, info.st_uid),
                 "chown it to the user that runs the backup",
             )
         data = os.read(fd, MAX_PASSPHRASE_BYTES + 1)
     finally:
         os.close(fd)
     if len(data) > MAX_PASSPHRASE_BYTES:
-        raise ConfigError("passphrase file %s is larger than %d bytes" % (path, MAX_PASSPHRASE_BYTES))
+        raise ConfigError(
+            "passphrase file %s is larger than %d bytes" % (path, MAX_PASSPHRASE_BYTES)
+        )
     if data.endswith(b"\n"):
         data = data[:-1]
     if data.endswith(b"\r"):

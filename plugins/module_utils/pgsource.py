@@ -69,7 +69,7 @@ def parse_url(url):
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError("database URL has an invalid port", "use a number, e.g. :5432")
+        raise ConfigError("database URL has an invalid port", "use a number, e.g. :5432") from None
     if port:
         params["port"] = str(port)
     if parts.username:
@@ -133,7 +133,9 @@ class PgConnection(object):
     def connect(self):
         """psycopg2 connection with the same settings the child processes get."""
         if not HAS_PSYCOPG2:
-            raise ConfigError("the psycopg2 Python library is required", "pip install psycopg2-binary")
+            raise ConfigError(
+                "the psycopg2 Python library is required", "pip install psycopg2-binary"
+            )
         kwargs = dict(self.params)
         kwargs.setdefault("connect_timeout", "15")
         try:
@@ -142,7 +144,7 @@ class PgConnection(object):
             raise SourceError(
                 "cannot connect to %s: %s" % (self.describe(), _first_line(exc)),
                 "check that the server is running, the database exists and the credentials are right",
-            )
+            ) from exc
 
 
 def _first_line(exc):
@@ -172,8 +174,10 @@ class Snapshot(object):
                 readonly=True,
             )
             cur = self.conn.cursor()
-            cur.execute("SELECT current_setting('server_version_num')::int, "
-                        "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)")
+            cur.execute(
+                "SELECT current_setting('server_version_num')::int, "
+                "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+            )
             self.server_version_num, self.is_superuser = cur.fetchone()
             try:
                 cur.execute("SELECT pg_export_snapshot()")
@@ -184,7 +188,9 @@ class Snapshot(object):
                 self.snapshot_id = None
         except psycopg2.Error as exc:
             self.close()
-            raise SourceError("cannot start a snapshot on %s: %s" % (self.connection.describe(), _first_line(exc)))
+            raise SourceError(
+                "cannot start a snapshot on %s: %s" % (self.connection.describe(), _first_line(exc))
+            ) from exc
         return self
 
     @property
@@ -223,7 +229,9 @@ class Snapshot(object):
         counts = {}
         cur = self.conn.cursor()
         for schema, table in tables if tables is not None else self.user_tables():
-            query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+            query = sql.SQL("SELECT count(*) FROM {}.{}").format(
+                sql.Identifier(schema), sql.Identifier(table)
+            )
             cur.execute(query)
             counts[qualified_name(schema, table)] = cur.fetchone()[0]
         return counts
@@ -283,7 +291,10 @@ def find_pg_bin_dir(server_major=None, explicit=None):
     """
     if explicit:
         if not os.path.isfile(os.path.join(explicit, "pg_dump")):
-            raise ConfigError("no pg_dump in pg_bin_dir %s" % explicit, "point pg_bin_dir at PostgreSQL's bin directory")
+            raise ConfigError(
+                "no pg_dump in pg_bin_dir %s" % explicit,
+                "point pg_bin_dir at PostgreSQL's bin directory",
+            )
         return explicit
     candidates = []
     for path in glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin"):
@@ -295,16 +306,23 @@ def find_pg_bin_dir(server_major=None, explicit=None):
         if server_major is None or candidates[0][0] >= server_major:
             return candidates[0][1]
         raise ConfigError(
-            "the newest pg_dump installed is %d but the server runs PostgreSQL %d" % (candidates[0][0], server_major),
+            "the newest pg_dump installed is %d but the server runs PostgreSQL %d"
+            % (candidates[0][0], server_major),
             "install postgresql-client-%d" % server_major,
         )
     found = shutil.which("pg_dump")
     if not found:
-        raise ConfigError("pg_dump was not found", "install the PostgreSQL client (postgresql-client)")
+        raise ConfigError(
+            "pg_dump was not found", "install the PostgreSQL client (postgresql-client)"
+        )
     return os.path.dirname(found)
 
 
 def tool_version(bin_dir, tool="pg_dump"):
-    out = subprocess.run([os.path.join(bin_dir, tool), "--version"], stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, check=False)
+    out = subprocess.run(
+        [os.path.join(bin_dir, tool), "--version"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
     return out.stdout.decode("utf-8", "replace").strip()

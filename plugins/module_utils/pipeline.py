@@ -34,23 +34,31 @@ STDERR_TAIL = 2000
 def which_or_fail(tool, package):
     path = shutil.which(tool)
     if not path:
-        raise ConfigError("%s was not found on this host" % tool, "install the %s package" % package)
+        raise ConfigError(
+            "%s was not found on this host" % tool, "install the %s package" % package
+        )
     return path
 
 
 def compress_argv(compression, level=None, threads=0):
     """argv of the compressor stage, or None for no compression."""
     if compression not in COMPRESSIONS:
-        raise ConfigError("unknown compression %r" % compression, "choose one of %s" % ", ".join(COMPRESSIONS))
+        raise ConfigError(
+            "unknown compression %r" % compression, "choose one of %s" % ", ".join(COMPRESSIONS)
+        )
     if compression == "none":
         return None
     level = DEFAULT_LEVEL[compression] if level is None else int(level)
     if compression == "zstd":
         if not 1 <= level <= 19:
-            raise ConfigError("zstd level %d is out of range" % level, "use 1 (fastest) to 19 (smallest)")
+            raise ConfigError(
+                "zstd level %d is out of range" % level, "use 1 (fastest) to 19 (smallest)"
+            )
         return [which_or_fail("zstd", "zstd"), "-q", "-c", "-%d" % level, "-T%d" % int(threads)]
     if not 1 <= level <= 9:
-        raise ConfigError("gzip level %d is out of range" % level, "use 1 (fastest) to 9 (smallest)")
+        raise ConfigError(
+            "gzip level %d is out of range" % level, "use 1 (fastest) to 9 (smallest)"
+        )
     return [which_or_fail("gzip", "gzip"), "-c", "-%d" % level]
 
 
@@ -83,16 +91,34 @@ class GpgSession(object):
 
     def _argv(self, fd, *action):
         return [
-            self.gpg, "--homedir", self.home, "--batch", "--no-tty", "--quiet", "--no-options",
-            "--pinentry-mode", "loopback", "--passphrase-fd", str(fd), "--no-symkey-cache",
+            self.gpg,
+            "--homedir",
+            self.home,
+            "--batch",
+            "--no-tty",
+            "--quiet",
+            "--no-options",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-fd",
+            str(fd),
+            "--no-symkey-cache",
         ] + list(action)
 
     def encrypt_stage(self):
         """(argv, fd) for a symmetric AES256 encryption stage; fd is passed to the child."""
         fd = self._passphrase_fd()
         return self._argv(
-            fd, "--symmetric", "--cipher-algo", "AES256", "--s2k-digest-algo", "SHA512",
-            "--compress-algo", "none", "--output", "-",
+            fd,
+            "--symmetric",
+            "--cipher-algo",
+            "AES256",
+            "--s2k-digest-algo",
+            "SHA512",
+            "--compress-algo",
+            "none",
+            "--output",
+            "-",
         ), fd
 
     def decrypt_stage(self):
@@ -110,8 +136,12 @@ class GpgSession(object):
     def close(self):
         gpgconf = shutil.which("gpgconf")
         if gpgconf:
-            subprocess.run([gpgconf, "--homedir", self.home, "--kill", "gpg-agent"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(
+                [gpgconf, "--homedir", self.home, "--kill", "gpg-agent"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
         shutil.rmtree(self.home, ignore_errors=True)
 
     def __enter__(self):
@@ -135,8 +165,14 @@ class Stage(object):
 
     def start(self, stdin, stdout):
         self.proc = subprocess.Popen(
-            self.argv, stdin=stdin, stdout=stdout, stderr=self._stderr, env=self.env,
-            pass_fds=self.pass_fds, cwd=self.cwd, close_fds=True,
+            self.argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=self._stderr,
+            env=self.env,
+            pass_fds=self.pass_fds,
+            cwd=self.cwd,
+            close_fds=True,
         )
         for fd in self.pass_fds:
             os.close(fd)
@@ -190,7 +226,10 @@ def _check(stages, failure_hint=None):
     for stage in stages:
         code = stage.proc.returncode if stage.proc is not None else None
         if code not in (0, None):
-            raise BackupError("%s was killed (exit code %s) because a later stage stopped reading" % (stage.name, code))
+            raise BackupError(
+                "%s was killed (exit code %s) because a later stage stopped reading"
+                % (stage.name, code)
+            )
 
 
 def run_stream(stages, consume, source=None, chunk_size=CHUNK_SIZE, failure_hint=None):

@@ -47,15 +47,19 @@ def safe_name(text, limit=48):
 
 def check_set_id(set_id):
     if not isinstance(set_id, str) or not SET_ID_RE.fullmatch(set_id):
-        raise ConfigError("%r is not a backup set id" % (set_id,),
-                          "use an id from the catalog, e.g. 20261122T010000Z-clinic_db-1a2b3c")
+        raise ConfigError(
+            "%r is not a backup set id" % (set_id,),
+            "use an id from the catalog, e.g. 20261122T010000Z-clinic_db-1a2b3c",
+        )
     return set_id
 
 
 def check_file_name(name):
     if not isinstance(name, str) or not FILE_NAME_RE.fullmatch(name) or ".." in name:
-        raise StoreError("refusing artifact name %r from a manifest" % (name,),
-                         "the manifest may be tampered with: restore from another set")
+        raise StoreError(
+            "refusing artifact name %r from a manifest" % (name,),
+            "the manifest may be tampered with: restore from another set",
+        )
     return name
 
 
@@ -116,9 +120,11 @@ class LocalFileSink(object):
         self.path = path
         self.size = 0
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            self._fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
+            )
         except OSError as exc:
-            raise _store_error("create", path, exc)
+            raise _store_error("create", path, exc) from exc
 
     @property
     def location(self):
@@ -131,14 +137,14 @@ class LocalFileSink(object):
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as exc:
-            raise _store_error("write", self.path, exc)
+            raise _store_error("write", self.path, exc) from exc
         self.size += len(chunk)
 
     def close(self):
         try:
             os.fsync(self._fd)
         except OSError as exc:
-            raise _store_error("fsync", self.path, exc)
+            raise _store_error("fsync", self.path, exc) from exc
         finally:
             os.close(self._fd)
             self._fd = None
@@ -160,7 +166,7 @@ class LocalSetWriter(object):
         try:
             os.makedirs(self.staging, mode=0o700)
         except OSError as exc:
-            raise _store_error("create staging directory", self.staging, exc)
+            raise _store_error("create staging directory", self.staging, exc) from exc
         self.sinks = []
 
     def sink(self, filename):
@@ -182,7 +188,7 @@ class LocalSetWriter(object):
             os.rename(self.staging, self.final)
             fsync_dir(os.path.dirname(self.final))
         except OSError as exc:
-            raise _store_error("commit backup set in", self.repo.path, exc)
+            raise _store_error("commit backup set in", self.repo.path, exc) from exc
 
     def abort(self):
         for sink in self.sinks:
@@ -195,11 +201,15 @@ class LocalRepository(object):
 
     def __init__(self, path, must_exist=True):
         if not path or not os.path.isabs(path):
-            raise ConfigError("repository path %r must be absolute" % (path,), "e.g. /var/backups/clinic/db")
+            raise ConfigError(
+                "repository path %r must be absolute" % (path,), "e.g. /var/backups/clinic/db"
+            )
         self.path = os.path.normpath(path)
         if must_exist and not os.path.isdir(self.path):
-            raise ConfigError("repository %s does not exist" % self.path,
-                              "run a backup first or fix the repository path")
+            raise ConfigError(
+                "repository %s does not exist" % self.path,
+                "run a backup first or fix the repository path",
+            )
 
     def ensure_layout(self):
         for sub in ("", SETS, LATEST, STAGING):
@@ -207,7 +217,7 @@ class LocalRepository(object):
             try:
                 os.makedirs(path, mode=0o700, exist_ok=True)
             except OSError as exc:
-                raise _store_error("create", path, exc)
+                raise _store_error("create", path, exc) from exc
         if os.stat(self.path).st_mode & 0o077:
             # PHI: the repository is for the backup user alone.
             os.chmod(self.path, 0o700)
@@ -218,8 +228,10 @@ class LocalRepository(object):
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise StoreError("repository %s is not writable by this user" % self.path,
-                             "fix ownership or choose another repository path")
+            raise StoreError(
+                "repository %s is not writable by this user" % self.path,
+                "fix ownership or choose another repository path",
+            )
 
     @property
     def url(self):
@@ -233,9 +245,15 @@ class LocalRepository(object):
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return []
-            raise _store_error("list", root, exc)
-        return sorted((n for n in names if SET_ID_RE.fullmatch(n) and os.path.isfile(os.path.join(root, n, MANIFEST))),
-                      reverse=True)
+            raise _store_error("list", root, exc) from exc
+        return sorted(
+            (
+                n
+                for n in names
+                if SET_ID_RE.fullmatch(n) and os.path.isfile(os.path.join(root, n, MANIFEST))
+            ),
+            reverse=True,
+        )
 
     def read_file(self, set_id, filename):
         path = self.location(set_id, filename)
@@ -245,14 +263,14 @@ class LocalRepository(object):
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None
-            raise _store_error("read", path, exc)
+            raise _store_error("read", path, exc) from exc
 
     def open_artifact(self, set_id, filename):
         path = self.location(set_id, filename)
         try:
             return open(path, "rb")
         except OSError as exc:
-            raise _store_error("open", path, exc)
+            raise _store_error("open", path, exc) from exc
 
     def artifact_size(self, set_id, filename):
         try:
@@ -272,11 +290,15 @@ class LocalRepository(object):
 
     def write_latest(self, database, set_id):
         pointer = {"database": database, "set_id": set_id}
-        atomic_write(os.path.join(self.path, LATEST, safe_name(database) + ".json"), dump_json(pointer))
+        atomic_write(
+            os.path.join(self.path, LATEST, safe_name(database) + ".json"), dump_json(pointer)
+        )
 
     def read_latest(self, database):
         try:
-            with open(os.path.join(self.path, LATEST, safe_name(database) + ".json"), "rb") as handle:
+            with open(
+                os.path.join(self.path, LATEST, safe_name(database) + ".json"), "rb"
+            ) as handle:
                 return json.loads(handle.read().decode("utf-8")).get("set_id")
         except (OSError, ValueError):
             return None
@@ -326,8 +348,14 @@ class S3SetWriter(object):
 
     def sink(self, filename):
         key = self.repo.key(self.set_id, check_file_name(filename))
-        sink = s3util.MultipartSink(self.repo.client, self.repo.bucket, key, self.repo.part_size,
-                                    self.repo.concurrency, self.repo.extra_args)
+        sink = s3util.MultipartSink(
+            self.repo.client,
+            self.repo.bucket,
+            key,
+            self.repo.part_size,
+            self.repo.concurrency,
+            self.repo.extra_args,
+        )
         self.sinks.append(sink)
         return sink
 
@@ -335,8 +363,13 @@ class S3SetWriter(object):
         return "s3://%s/%s" % (self.repo.bucket, self.repo.key(self.set_id, filename))
 
     def commit(self, manifest):
-        s3util.put_bytes(self.repo.client, self.repo.bucket, self.repo.key(self.set_id, MANIFEST),
-                         dump_json(manifest), self.repo.extra_args)
+        s3util.put_bytes(
+            self.repo.client,
+            self.repo.bucket,
+            self.repo.key(self.set_id, MANIFEST),
+            dump_json(manifest),
+            self.repo.extra_args,
+        )
 
     def abort(self):
         for sink in self.sinks:
@@ -346,10 +379,20 @@ class S3SetWriter(object):
 class S3Repository(object):
     kind = "s3"
 
-    def __init__(self, client, bucket, prefix="", part_size=s3util.DEFAULT_PART_SIZE,
-                 concurrency=s3util.DEFAULT_CONCURRENCY, extra_args=None):
+    def __init__(
+        self,
+        client,
+        bucket,
+        prefix="",
+        part_size=s3util.DEFAULT_PART_SIZE,
+        concurrency=s3util.DEFAULT_CONCURRENCY,
+        extra_args=None,
+    ):
         if not bucket or "/" in bucket:
-            raise ConfigError("invalid bucket name %r" % (bucket,), "give the bare bucket name; put paths in prefix")
+            raise ConfigError(
+                "invalid bucket name %r" % (bucket,),
+                "give the bare bucket name; put paths in prefix",
+            )
         self.client = client
         self.bucket = bucket
         self.prefix = (prefix or "").strip("/")
@@ -386,44 +429,66 @@ class S3Repository(object):
         return s3util.get_bytes(self.client, self.bucket, key)
 
     def open_artifact(self, set_id, filename):
-        return s3util.open_stream(self.client, self.bucket, self.key(set_id, check_file_name(filename)))
+        return s3util.open_stream(
+            self.client, self.bucket, self.key(set_id, check_file_name(filename))
+        )
 
     def artifact_size(self, set_id, filename):
-        info = s3util.object_info(self.client, self.bucket, self.key(set_id, check_file_name(filename)))
+        info = s3util.object_info(
+            self.client, self.bucket, self.key(set_id, check_file_name(filename))
+        )
         return None if info is None else info.get("ContentLength")
 
     def location(self, set_id, filename):
         return "s3://%s/%s" % (self.bucket, self.key(set_id, check_file_name(filename)))
 
     def write_verification(self, set_id, data):
-        s3util.put_bytes(self.client, self.bucket, self.key(set_id, VERIFICATION), dump_json(data), self.extra_args)
+        s3util.put_bytes(
+            self.client,
+            self.bucket,
+            self.key(set_id, VERIFICATION),
+            dump_json(data),
+            self.extra_args,
+        )
 
     def begin(self, set_id):
         return S3SetWriter(self, set_id)
 
     def write_latest(self, database, set_id):
         key = s3util.join_key(self.prefix, LATEST, safe_name(database) + ".json")
-        s3util.put_bytes(self.client, self.bucket, key, dump_json({"database": database, "set_id": set_id}),
-                         self.extra_args)
+        s3util.put_bytes(
+            self.client,
+            self.bucket,
+            key,
+            dump_json({"database": database, "set_id": set_id}),
+            self.extra_args,
+        )
 
     def read_latest(self, database):
         key = s3util.join_key(self.prefix, LATEST, safe_name(database) + ".json")
         if s3util.object_info(self.client, self.bucket, key) is None:
             return None
         try:
-            return json.loads(s3util.get_bytes(self.client, self.bucket, key).decode("utf-8")).get("set_id")
+            return json.loads(s3util.get_bytes(self.client, self.bucket, key).decode("utf-8")).get(
+                "set_id"
+            )
         except ValueError:
             return None
 
     def cleanup_incomplete(self, keep=(), older_than_seconds=0):
         """Abort stale multipart uploads and delete artifacts of sets that never got a manifest."""
-        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=older_than_seconds)
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
+            seconds=older_than_seconds
+        )
         sets_prefix = s3util.join_key(self.prefix, SETS) + "/"
-        removed = [k for k in s3util.abort_stale_uploads(self.client, self.bucket, sets_prefix, cutoff)
-                   if k.split("/")[-2] not in keep]
+        removed = [
+            k
+            for k in s3util.abort_stale_uploads(self.client, self.bucket, sets_prefix, cutoff)
+            if k.split("/")[-2] not in keep
+        ]
         by_set = {}
         for key, item in s3util.list_keys(self.client, self.bucket, sets_prefix).items():
-            parts = key[len(sets_prefix):].split("/")
+            parts = key[len(sets_prefix) :].split("/")
             if len(parts) == 2:
                 by_set.setdefault(parts[0], []).append((parts[1], item))
         orphans = []
@@ -454,9 +519,15 @@ def isoformat(moment):
 
 
 def parse_time(text):
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc
+    )
 
 
 def new_set_id(database, moment=None):
     moment = moment or utc_now()
-    return "%s-%s-%s" % (moment.strftime("%Y%m%dT%H%M%SZ"), safe_name(database), os.urandom(3).hex())
+    return "%s-%s-%s" % (
+        moment.strftime("%Y%m%dT%H%M%SZ"),
+        safe_name(database),
+        os.urandom(3).hex(),
+    )

@@ -77,11 +77,15 @@ def describe_error(exc, action):
             message += ": %s" % error["Message"]
         return StoreError(message, _HINTS.get(code))
     if HAS_BOTO3 and isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return StoreError("S3 %s failed: no AWS credentials found" % action,
-                          "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
+        return StoreError(
+            "S3 %s failed: no AWS credentials found" % action,
+            "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role",
+        )
     if HAS_BOTO3 and isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return StoreError("S3 %s failed: cannot reach the endpoint: %s" % (action, exc),
-                          "check endpoint_url, DNS and the network path to S3")
+        return StoreError(
+            "S3 %s failed: cannot reach the endpoint: %s" % (action, exc),
+            "check endpoint_url, DNS and the network path to S3",
+        )
     if HAS_BOTO3 and isinstance(exc, botocore.exceptions.BotoCoreError):
         return StoreError("S3 %s failed: %s" % (action, exc))
     return None
@@ -106,24 +110,38 @@ def s3_errors(action):
     return decorator
 
 
-def make_client(region=None, endpoint_url=None, profile=None, access_key=None, secret_key=None,
-                session_token=None, retries=8, connect_timeout=10, read_timeout=120):
+def make_client(
+    region=None,
+    endpoint_url=None,
+    profile=None,
+    access_key=None,
+    secret_key=None,
+    session_token=None,
+    retries=8,
+    connect_timeout=10,
+    read_timeout=120,
+):
     """boto3 S3 client; credentials come from the usual chain unless given."""
     if not HAS_BOTO3:
-        raise ConfigError("the boto3 Python library is required for S3 targets", "pip install boto3")
+        raise ConfigError(
+            "the boto3 Python library is required for S3 targets", "pip install boto3"
+        )
     if bool(access_key) != bool(secret_key):
         raise ConfigError("access_key and secret_key must be given together")
     try:
         session = boto3.session.Session(
-            profile_name=profile or None, aws_access_key_id=access_key or None,
-            aws_secret_access_key=secret_key or None, aws_session_token=session_token or None,
+            profile_name=profile or None,
+            aws_access_key_id=access_key or None,
+            aws_secret_access_key=secret_key or None,
+            aws_session_token=session_token or None,
             region_name=region or None,
         )
     except botocore.exceptions.ProfileNotFound as exc:
-        raise ConfigError(str(exc), "check the profile name in ~/.aws/config")
+        raise ConfigError(str(exc), "check the profile name in ~/.aws/config") from exc
     config = botocore.config.Config(
         retries={"mode": "standard", "total_max_attempts": max(1, int(retries))},
-        connect_timeout=connect_timeout, read_timeout=read_timeout,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
         # S3-compatible endpoints (MinIO, Ceph, moto) expect path-style URLs.
         s3={"addressing_style": "path" if endpoint_url else "auto"},
     )
@@ -153,7 +171,7 @@ def list_common_prefixes(client, bucket, prefix):
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", Delimiter="/"):
         for item in page.get("CommonPrefixes", []):
-            names.append(item["Prefix"][len(prefix.rstrip("/")) + 1:].rstrip("/"))
+            names.append(item["Prefix"][len(prefix.rstrip("/")) + 1 :].rstrip("/"))
     return names
 
 
@@ -180,14 +198,16 @@ def object_info(client, bucket, key):
 
 @s3_errors("upload")
 def put_bytes(client, bucket, key, data, extra_args=None):
-    client.put_object(Bucket=bucket, Key=key, Body=data, ContentMD5=_md5_b64(data), **(extra_args or {}))
+    client.put_object(
+        Bucket=bucket, Key=key, Body=data, ContentMD5=_md5_b64(data), **(extra_args or {})
+    )
 
 
 @s3_errors("delete")
 def delete_keys(client, bucket, keys):
     keys = list(keys)
     for start in range(0, len(keys), 1000):
-        batch = [{"Key": k} for k in keys[start:start + 1000]]
+        batch = [{"Key": k} for k in keys[start : start + 1000]]
         client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
 
 
@@ -204,7 +224,9 @@ def abort_stale_uploads(client, bucket, prefix, older_than=None):
         for upload in page.get("Uploads", []):
             if older_than is not None and upload["Initiated"] >= older_than:
                 continue
-            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            client.abort_multipart_upload(
+                Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
             aborted.append(upload["Key"])
     return aborted
 
@@ -212,7 +234,9 @@ def abort_stale_uploads(client, bucket, prefix, older_than=None):
 def upload_extra_args(sse="none", kms_key_id=None, storage_class=None):
     """ExtraArgs shared by PutObject and CreateMultipartUpload."""
     if sse not in SSE_CHOICES:
-        raise ConfigError("unknown server-side encryption %r" % sse, "choose one of %s" % ", ".join(SSE_CHOICES))
+        raise ConfigError(
+            "unknown server-side encryption %r" % sse, "choose one of %s" % ", ".join(SSE_CHOICES)
+        )
     extra = {}
     if sse != "none":
         extra["ServerSideEncryption"] = sse
@@ -232,7 +256,9 @@ def _md5_b64(data):
 def check_part_size(part_size):
     part_size = int(part_size)
     if part_size < MIN_PART_SIZE:
-        raise ConfigError("S3 part size %d bytes is below the 5 MiB minimum" % part_size, "use part_size_mb >= 5")
+        raise ConfigError(
+            "S3 part size %d bytes is below the 5 MiB minimum" % part_size, "use part_size_mb >= 5"
+        )
     return part_size
 
 
@@ -245,8 +271,15 @@ class MultipartSink(object):
     Streams smaller than one part become a single PutObject.
     """
 
-    def __init__(self, client, bucket, key, part_size=DEFAULT_PART_SIZE, concurrency=DEFAULT_CONCURRENCY,
-                 extra_args=None):
+    def __init__(
+        self,
+        client,
+        bucket,
+        key,
+        part_size=DEFAULT_PART_SIZE,
+        concurrency=DEFAULT_CONCURRENCY,
+        extra_args=None,
+    ):
         self.client = client
         self.bucket = bucket
         self.key = key
@@ -273,14 +306,16 @@ class MultipartSink(object):
         self.size += len(chunk)
         while self._buffered >= self.part_size:
             data = b"".join(self._chunks)
-            part, rest = data[:self.part_size], data[self.part_size:]
+            part, rest = data[: self.part_size], data[self.part_size :]
             self._chunks = [rest] if rest else []
             self._buffered = len(rest)
             self._submit(part)
 
     @s3_errors("multipart upload")
     def _start(self):
-        response = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.extra_args)
+        response = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=self.key, **self.extra_args
+        )
         self.upload_id = response["UploadId"]
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency)
 
@@ -288,8 +323,10 @@ class MultipartSink(object):
         if self.upload_id is None:
             self._start()
         if self._next_part > MAX_PARTS:
-            raise StoreError("upload to %s needs more than %d parts" % (self.location, MAX_PARTS),
-                             "raise part_size_mb")
+            raise StoreError(
+                "upload to %s needs more than %d parts" % (self.location, MAX_PARTS),
+                "raise part_size_mb",
+            )
         self._raise_failed()
         self._slots.acquire()
         number = self._next_part
@@ -301,8 +338,12 @@ class MultipartSink(object):
     @s3_errors("multipart upload part")
     def _upload_part(self, number, data):
         response = self.client.upload_part(
-            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
-            Body=data, ContentMD5=_md5_b64(data),
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            Body=data,
+            ContentMD5=_md5_b64(data),
         )
         return {"PartNumber": number, "ETag": response["ETag"]}
 
@@ -326,14 +367,19 @@ class MultipartSink(object):
         self._done = True
         info = object_info(self.client, self.bucket, self.key)
         if info is None or info.get("ContentLength") != self.size:
-            raise StoreError("S3 object %s has size %s after upload, expected %d" % (
-                self.location, None if info is None else info.get("ContentLength"), self.size))
+            raise StoreError(
+                "S3 object %s has size %s after upload, expected %d"
+                % (self.location, None if info is None else info.get("ContentLength"), self.size)
+            )
         return self.location
 
     @s3_errors("multipart complete")
     def _complete(self, parts):
         self.client.complete_multipart_upload(
-            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts},
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            MultipartUpload={"Parts": parts},
         )
 
     def abort(self):
@@ -344,7 +390,9 @@ class MultipartSink(object):
             self._executor.shutdown(wait=True)
         try:
             if self.upload_id is not None and not self._done:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
+                )
             elif self._done:
                 self.client.delete_object(Bucket=self.bucket, Key=self.key)
         except Exception:  # the next run's abort_stale_uploads cleans what is left

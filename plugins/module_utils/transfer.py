@@ -25,22 +25,32 @@ def resolve_set_id(repo, set_id=None, database=None):
     for entry in list_catalog(repo, database):
         if entry["state"] == "complete":
             return entry["id"]
-    raise IntegrityError("no complete backup set%s in %s" % (
-        " of database %r" % database if database else "", repo.url), "run a backup first")
+    raise IntegrityError(
+        "no complete backup set%s in %s"
+        % (" of database %r" % database if database else "", repo.url),
+        "run a backup first",
+    )
 
 
 def same_set_present(source_manifest, dest, set_id):
     raw = dest.read_file(set_id, MANIFEST)
     if raw is None or raw != dump_json(source_manifest):
         return False
-    return all(dest.artifact_size(set_id, a["file"]) == a["size"] for a in source_manifest["artifacts"])
+    return all(
+        dest.artifact_size(set_id, a["file"]) == a["size"] for a in source_manifest["artifacts"]
+    )
 
 
 def copy_set(source, dest, set_id, check_mode=False):
     """Copy one set; returns {'changed', 'set_id', 'source', 'destination', 'artifacts'}."""
     manifest = load_manifest(source, set_id)
-    result = {"set_id": set_id, "source": source.url, "destination": dest.url, "changed": False,
-              "artifacts": [dest.location(set_id, a["file"]) for a in manifest["artifacts"]]}
+    result = {
+        "set_id": set_id,
+        "source": source.url,
+        "destination": dest.url,
+        "changed": False,
+        "artifacts": [dest.location(set_id, a["file"]) for a in manifest["artifacts"]],
+    }
     if same_set_present(manifest, dest, set_id):
         return result
     result["changed"] = True
@@ -56,10 +66,16 @@ def copy_set(source, dest, set_id, check_mode=False):
                 pipeline.run_stream([], sink.write, source=reader)
                 if reader.sha256 != artifact["sha256"] or reader.size != artifact["size"]:
                     raise IntegrityError(
-                        "%s does not match its manifest (sha256 %s, %d bytes; expected %s, %d bytes)" % (
-                            source.location(set_id, artifact["file"]), reader.sha256, reader.size,
-                            artifact["sha256"], artifact["size"]),
-                        "the source copy is damaged: copy another set or repair it from another repository")
+                        "%s does not match its manifest (sha256 %s, %d bytes; expected %s, %d bytes)"
+                        % (
+                            source.location(set_id, artifact["file"]),
+                            reader.sha256,
+                            reader.size,
+                            artifact["sha256"],
+                            artifact["size"],
+                        ),
+                        "the source copy is damaged: copy another set or repair it from another repository",
+                    )
                 sink.close()
             finally:
                 reader.fileobj.close()

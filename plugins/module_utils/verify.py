@@ -54,7 +54,7 @@ class TailKeeper(object):
 
     def __call__(self, chunk):
         self.size += len(chunk)
-        self.tail = (self.tail + chunk)[-self.keep:]
+        self.tail = (self.tail + chunk)[-self.keep :]
 
 
 def unsafe_tar_member(name):
@@ -89,7 +89,9 @@ class ParserConsumer(object):
         self.head = ""
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=self._out, stderr=self._err)
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=self._out, stderr=self._err
+        )
         self._open = True
 
     def __call__(self, chunk):
@@ -110,7 +112,7 @@ class ParserConsumer(object):
         self._out.seek(0)
         self._err.seek(0)
         output = self._out.read().decode("utf-8", "replace")
-        errors = self._err.read()[-pipeline.STDERR_TAIL:].decode("utf-8", "replace").strip()
+        errors = self._err.read()[-pipeline.STDERR_TAIL :].decode("utf-8", "replace").strip()
         self._out.close()
         self._err.close()
         if code != 0:
@@ -168,8 +170,15 @@ def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep
     if size is None:
         return [Check("present", FAIL, "%s is missing" % repo.location(set_id, name), name)]
     if size != artifact["size"]:
-        checks.append(Check("size", FAIL, "%s is %d bytes, manifest says %d" % (
-            repo.location(set_id, name), size, artifact["size"]), name))
+        checks.append(
+            Check(
+                "size",
+                FAIL,
+                "%s is %d bytes, manifest says %d"
+                % (repo.location(set_id, name), size, artifact["size"]),
+                name,
+            )
+        )
     reader = pipeline.HashingReader(repo.open_artifact(set_id, name))
     stages = []
     consumer = None
@@ -195,14 +204,28 @@ def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep
     finally:
         reader.fileobj.close()
     if reader.sha256 != artifact["sha256"]:
-        checks.append(Check("sha256", FAIL, "%s has sha256 %s, manifest says %s" % (
-            repo.location(set_id, name), reader.sha256, artifact["sha256"]), name))
+        checks.append(
+            Check(
+                "sha256",
+                FAIL,
+                "%s has sha256 %s, manifest says %s"
+                % (repo.location(set_id, name), reader.sha256, artifact["sha256"]),
+                name,
+            )
+        )
     else:
         checks.append(Check("sha256", OK, "sha256 matches (%d bytes)" % reader.size, name))
     if deep:
         if content_error:
-            checks.append(Check("readable", FAIL, "%s cannot be decrypted/decompressed/read: %s" % (
-                repo.location(set_id, name), content_error), name))
+            checks.append(
+                Check(
+                    "readable",
+                    FAIL,
+                    "%s cannot be decrypted/decompressed/read: %s"
+                    % (repo.location(set_id, name), content_error),
+                    name,
+                )
+            )
         else:
             status, detail = _check_content(artifact["content"], consumer)
             checks.append(Check("readable", status, "%s: %s" % (name, detail), name))
@@ -217,6 +240,7 @@ def _median(values):
 
 def size_check(repo, manifest, tolerance_percent, history=7):
     """Compare the database artifact with the median of recent sets of the same kind."""
+
     def db_size(m):
         return sum(a["size"] for a in m["artifacts"] if a["name"] == "database")
 
@@ -225,7 +249,9 @@ def size_check(repo, manifest, tolerance_percent, history=7):
         if entry["state"] != "complete" or entry["id"] >= manifest["id"]:
             continue
         other = entry["manifest"]
-        if other["format"] == manifest["format"] and other.get("options") == manifest.get("options"):
+        if other["format"] == manifest["format"] and other.get("options") == manifest.get(
+            "options"
+        ):
             previous.append(db_size(other))
         if len(previous) >= history:
             break
@@ -236,21 +262,40 @@ def size_check(repo, manifest, tolerance_percent, history=7):
     ratio = size / median if median else float("inf")
     limit = 1.0 + tolerance_percent / 100.0
     detail = "database artifact is %d bytes, %.2fx the median (%d) of the previous %d sets" % (
-        size, ratio, median, len(previous))
+        size,
+        ratio,
+        median,
+        len(previous),
+    )
     if ratio > limit or ratio < 1.0 / limit:
-        return Check("size_anomaly", FAIL, detail + "; allowed range %.2fx-%.2fx" % (1.0 / limit, limit))
+        return Check(
+            "size_anomaly", FAIL, detail + "; allowed range %.2fx-%.2fx" % (1.0 / limit, limit)
+        )
     return Check("size_anomaly", OK, detail)
 
 
-def verify_set(repo, set_id=None, database=None, passphrase_file=None, deep=True, max_age_hours=25.0,
-               size_tolerance_percent=50.0, pg_bin_dir=None, record=True, now=None):
+def verify_set(
+    repo,
+    set_id=None,
+    database=None,
+    passphrase_file=None,
+    deep=True,
+    max_age_hours=25.0,
+    size_tolerance_percent=50.0,
+    pg_bin_dir=None,
+    record=True,
+    now=None,
+):
     """Run every check on one set (default: the newest) and record the outcome."""
     now = now or utc_now()
     if set_id is None:
         entries = list_catalog(repo, database)
         if not entries:
-            raise IntegrityError("no backup set%s found in %s" % (
-                " of database %r" % database if database else "", repo.url), "run a backup first")
+            raise IntegrityError(
+                "no backup set%s found in %s"
+                % (" of database %r" % database if database else "", repo.url),
+                "run a backup first",
+            )
         set_id = entries[0]["id"]
     checks = []
     try:
@@ -258,25 +303,35 @@ def verify_set(repo, set_id=None, database=None, passphrase_file=None, deep=True
     except IntegrityError as exc:
         checks.append(Check("manifest", FAIL, str(exc), "manifest.json"))
         return _finish(repo, set_id, checks, record, now)
-    checks.append(Check("manifest", OK, "manifest present and valid (%d artifacts)" % len(manifest["artifacts"])))
+    checks.append(
+        Check(
+            "manifest", OK, "manifest present and valid (%d artifacts)" % len(manifest["artifacts"])
+        )
+    )
     encrypted = manifest["encryption"].get("method") != "none"
     gpg_session = None
     if deep and encrypted:
         if not passphrase_file:
-            raise ConfigError("set %s is encrypted: a passphrase_file is needed for the decrypt test" % set_id,
-                              "set passphrase_file, or deep: false for checksums only")
+            raise ConfigError(
+                "set %s is encrypted: a passphrase_file is needed for the decrypt test" % set_id,
+                "set passphrase_file, or deep: false for checksums only",
+            )
         gpg_session = pipeline.GpgSession(load_passphrase(passphrase_file))
     try:
         bin_dir = find_pg_bin_dir(None, pg_bin_dir) if deep else None
         for artifact in manifest["artifacts"]:
-            checks.extend(verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep))
+            checks.extend(
+                verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep)
+            )
     finally:
         if gpg_session is not None:
             gpg_session.close()
     if max_age_hours:
         age = (now - parse_time(manifest["finished_at"])).total_seconds() / 3600.0
         status = OK if age <= max_age_hours else FAIL
-        checks.append(Check("age", status, "finished %.1f hours ago (limit %.1f)" % (age, max_age_hours)))
+        checks.append(
+            Check("age", status, "finished %.1f hours ago (limit %.1f)" % (age, max_age_hours))
+        )
     if size_tolerance_percent:
         checks.append(size_check(repo, manifest, size_tolerance_percent))
     return _finish(repo, set_id, checks, record, now, manifest)
@@ -296,7 +351,9 @@ def _finish(repo, set_id, checks, record, now, manifest=None):
     }
     if record:
         try:
-            repo.write_verification(set_id, {k: outcome[k] for k in ("state", "verified_at", "checks")})
+            repo.write_verification(
+                set_id, {k: outcome[k] for k in ("state", "verified_at", "checks")}
+            )
         except (BackupError, OSError) as exc:
             outcome["warnings"] = ["could not record the verification result: %s" % exc]
     return outcome

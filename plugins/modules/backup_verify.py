@@ -21,8 +21,9 @@ description:
   - Each artifact is read once; the result of every check is returned and recorded next to the set, so
     the catalog shows which sets are verified.
 author:
-  - clinic.backup developers
+  - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -169,20 +170,30 @@ def main():
     )
     params = module.params
     if params["bucket"] and not s3util.HAS_BOTO3:
-        module.fail_json(msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR))
+        module.fail_json(
+            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
+        )
     try:
         outcome = verify_set(
-            repository_from_params(params), set_id=params["set_id"], database=params["database"],
-            passphrase_file=params["passphrase_file"], deep=params["deep"],
-            max_age_hours=params["max_age_hours"], size_tolerance_percent=params["size_tolerance_percent"],
-            pg_bin_dir=params["pg_bin_dir"], record=params["record"] and not module.check_mode,
+            repository_from_params(params),
+            set_id=params["set_id"],
+            database=params["database"],
+            passphrase_file=params["passphrase_file"],
+            deep=params["deep"],
+            max_age_hours=params["max_age_hours"],
+            size_tolerance_percent=params["size_tolerance_percent"],
+            pg_bin_dir=params["pg_bin_dir"],
+            record=params["record"] and not module.check_mode,
         )
     except BackupError as exc:
         module.fail_json(**error_result(exc))
     for warning in outcome.pop("warnings", []):
         module.warn(warning)
     if not outcome["ok"]:
-        message = "backup set %s failed verification: %s" % (outcome["set_id"], "; ".join(outcome["failures"]))
+        message = "backup set %s failed verification: %s" % (
+            outcome["set_id"],
+            "; ".join(outcome["failures"]),
+        )
         if params["on_failure"] == "fail":
             module.fail_json(msg=message, **outcome)
         module.warn(message)

@@ -22,8 +22,9 @@ description:
   - If one target fails (for example S3 is down) the others still receive the complete set, and the
     task fails naming the target that did not.
 author:
-  - clinic.backup developers
+  - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - clinic.backup.connection
   - clinic.backup.s3
 attributes:
@@ -243,7 +244,10 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     s3_repository,
     s3_target_options,
 )
-from ansible_collections.clinic.backup.plugins.module_utils.pgsource import HAS_PSYCOPG2, PSYCOPG2_IMPORT_ERROR
+from ansible_collections.clinic.backup.plugins.module_utils.pgsource import (
+    HAS_PSYCOPG2,
+    PSYCOPG2_IMPORT_ERROR,
+)
 
 
 def argument_spec():
@@ -292,21 +296,36 @@ def main():
     if not HAS_PSYCOPG2:
         module.fail_json(msg=missing_required_lib("psycopg2"), exception=str(PSYCOPG2_IMPORT_ERROR))
     if params["s3_targets"] and not s3util.HAS_BOTO3:
-        module.fail_json(msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR))
+        module.fail_json(
+            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
+        )
     if not params["encrypt"]:
         module.warn("encrypt=false: this backup stores database contents unencrypted")
     try:
         options = BackupOptions(
-            format=params["format"], jobs=params["jobs"], schema_only=params["schema_only"],
-            data_only=params["data_only"], tables=params["tables"], exclude_tables=params["exclude_tables"],
-            compression=params["compression"], compression_level=params["compression_level"],
-            compression_threads=params["compression_threads"], encrypt=params["encrypt"],
-            passphrase_file=params["passphrase_file"], include_globals=params["include_globals"],
-            row_counts=params["row_counts"], pg_bin_dir=params["pg_bin_dir"], label=params["label"],
+            format=params["format"],
+            jobs=params["jobs"],
+            schema_only=params["schema_only"],
+            data_only=params["data_only"],
+            tables=params["tables"],
+            exclude_tables=params["exclude_tables"],
+            compression=params["compression"],
+            compression_level=params["compression_level"],
+            compression_threads=params["compression_threads"],
+            encrypt=params["encrypt"],
+            passphrase_file=params["passphrase_file"],
+            include_globals=params["include_globals"],
+            row_counts=params["row_counts"],
+            pg_bin_dir=params["pg_bin_dir"],
+            label=params["label"],
             stale_seconds=params["stale_seconds"],
         )
-        result = run_backup(connection_from_params(params), build_repositories(params), options,
-                            check_mode=module.check_mode)
+        result = run_backup(
+            connection_from_params(params),
+            build_repositories(params),
+            options,
+            check_mode=module.check_mode,
+        )
     except BackupError as exc:
         module.fail_json(**error_result(exc))
     for warning in result.pop("warnings", []):

@@ -19,8 +19,9 @@ description:
     threads), its sha256 checked against the manifest on the way, and the manifest is written last.
   - A set already present at the destination with the same manifest and sizes is left alone.
 author:
-  - clinic.backup developers
+  - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -29,6 +30,10 @@ attributes:
   diff_mode:
     support: none
 options:
+  bucket:
+    description: S3 bucket holding the repository.
+    type: str
+    required: true
   mode:
     description: What to do.
     type: str
@@ -94,7 +99,10 @@ sets:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
-from ansible_collections.clinic.backup.plugins.module_utils.catalog import list_catalog, newest_complete
+from ansible_collections.clinic.backup.plugins.module_utils.catalog import (
+    list_catalog,
+    newest_complete,
+)
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AWS_CREDENTIAL_ARGS,
@@ -136,7 +144,10 @@ def do_download(module, remote):
 
 
 def do_list(module, remote):
-    return {"changed": False, "sets": [summary(e) for e in list_catalog(remote, module.params["database"])]}
+    return {
+        "changed": False,
+        "sets": [summary(e) for e in list_catalog(remote, module.params["database"])],
+    }
 
 
 def do_newest(module, remote):
@@ -156,7 +167,9 @@ def main():
         required_if=[("mode", "upload", ("repository",)), ("mode", "download", ("repository",))],
     )
     if not s3util.HAS_BOTO3:
-        module.fail_json(msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR))
+        module.fail_json(
+            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
+        )
     try:
         remote = s3_repository(module.params, module.params)
         if module.params["mode"] in ("upload", "download"):

@@ -14,16 +14,27 @@ from ansible_collections.clinic.backup.plugins.module_utils.pgsource import (
 
 
 def test_parse_url_splits_every_part():
-    params = parse_url("postgresql://clinic_user:p%40ss%3Bword@db.example:6543/clinic_db?sslmode=require")
-    assert params == {"host": "db.example", "port": "6543", "user": "clinic_user", "password": "p@ss;word",
-                      "dbname": "clinic_db", "sslmode": "require"}
+    params = parse_url(
+        "postgresql://clinic_user:p%40ss%3Bword@db.example:6543/clinic_db?sslmode=require"
+    )
+    assert params == {
+        "host": "db.example",
+        "port": "6543",
+        "user": "clinic_user",
+        "password": "p@ss;word",
+        "dbname": "clinic_db",
+        "sslmode": "require",
+    }
 
 
-@pytest.mark.parametrize("url,match", [
-    ("mysql://x@y/z", "must start with postgresql://"),
-    ("postgresql://x@y:notaport/z", "invalid port"),
-    ("postgresql://x@y/z?options=-c%20x", "not supported"),
-])
+@pytest.mark.parametrize(
+    "url,match",
+    [
+        ("mysql://x@y/z", "must start with postgresql://"),
+        ("postgresql://x@y:notaport/z", "invalid port"),
+        ("postgresql://x@y/z?options=-c%20x", "not supported"),
+    ],
+)
 def test_parse_url_rejects_bad_urls(url, match):
     with pytest.raises(ConfigError, match=match):
         parse_url(url)
@@ -31,7 +42,11 @@ def test_parse_url_rejects_bad_urls(url, match):
 
 def test_explicit_settings_override_url():
     conn = PgConnection(url="postgresql://a:pw@h1:1/db1", host="h2", dbname="db2")
-    assert conn.params["host"] == "h2" and conn.params["dbname"] == "db2" and conn.params["password"] == "pw"
+    assert (
+        conn.params["host"] == "h2"
+        and conn.params["dbname"] == "db2"
+        and conn.params["password"] == "pw"
+    )
 
 
 def test_child_env_carries_password_and_drops_stray_pg_settings():
@@ -50,13 +65,16 @@ def test_database_is_required():
         PgConnection(host="h")
 
 
-@pytest.mark.parametrize("name,pattern", [
-    ("patients", '"patients"'),
-    ("public.patients", '"public"."patients"'),
-    ('Patient Notes; DROP TABLE x', '"Patient Notes; DROP TABLE x"'),
-    ('it"s', '"it""s"'),
-    ("star*", '"star*"'),
-])
+@pytest.mark.parametrize(
+    "name,pattern",
+    [
+        ("patients", '"patients"'),
+        ("public.patients", '"public"."patients"'),
+        ("Patient Notes; DROP TABLE x", '"Patient Notes; DROP TABLE x"'),
+        ('it"s', '"it""s"'),
+        ("star*", '"star*"'),
+    ],
+)
 def test_table_pattern_is_exact_and_quoted(name, pattern):
     assert table_pattern(name) == pattern
 

@@ -1,4 +1,4 @@
-"""The pipeline: failures of any stage surface, output is hashed, gpg output is stock-decryptable."""
+"""The pipeline: any stage's failure surfaces, output is hashed, gpg output is stock-decryptable."""
 
 from __future__ import annotations
 
@@ -26,14 +26,22 @@ def test_output_is_hashed_and_counted():
 
 def test_failing_producer_is_named_with_its_stderr():
     with pytest.raises(BackupError, match=r"producer failed with exit code 3: boom"):
-        collect([pipeline.Stage("producer", ["sh", "-c", "echo boom >&2; exit 3"]),
-                 pipeline.Stage("zstd", pipeline.compress_argv("zstd"))])
+        collect(
+            [
+                pipeline.Stage("producer", ["sh", "-c", "echo boom >&2; exit 3"]),
+                pipeline.Stage("zstd", pipeline.compress_argv("zstd")),
+            ]
+        )
 
 
 def test_failing_middle_stage_is_named():
     with pytest.raises(BackupError, match="broken filter failed"):
-        collect([pipeline.Stage("yes", ["head", "-c", "1000000", "/dev/zero"]),
-                 pipeline.Stage("broken filter", ["sh", "-c", "head -c 10 >/dev/null; exit 4"])])
+        collect(
+            [
+                pipeline.Stage("yes", ["head", "-c", "1000000", "/dev/zero"]),
+                pipeline.Stage("broken filter", ["sh", "-c", "head -c 10 >/dev/null; exit 4"]),
+            ]
+        )
 
 
 def test_consumer_exception_stops_the_pipeline():
@@ -49,13 +57,18 @@ def test_consumer_exception_stops_the_pipeline():
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
 def test_compression_round_trip(compression):
     payload = os.urandom(1000) * 500
-    packed, _ = collect([pipeline.Stage(compression, pipeline.compress_argv(compression))],
-                        source=iter([payload]))
-    unpacked, _ = collect([pipeline.Stage("d", pipeline.decompress_argv(compression))], source=iter([packed]))
+    packed, _ = collect(
+        [pipeline.Stage(compression, pipeline.compress_argv(compression))], source=iter([payload])
+    )
+    unpacked, _ = collect(
+        [pipeline.Stage("d", pipeline.decompress_argv(compression))], source=iter([packed])
+    )
     assert unpacked == payload and len(packed) < len(payload)
 
 
-@pytest.mark.parametrize("compression,level", [("zstd", 0), ("zstd", 20), ("gzip", 10), ("lz4", None)])
+@pytest.mark.parametrize(
+    "compression,level", [("zstd", 0), ("zstd", 20), ("gzip", 10), ("lz4", None)]
+)
 def test_bad_compression_settings_are_config_errors(compression, level):
     with pytest.raises(ConfigError):
         pipeline.compress_argv(compression, level)
@@ -66,7 +79,9 @@ def test_gpg_output_decrypts_with_stock_gpg(tmp_path):
     with pipeline.GpgSession(passphrase) as session:
         argv, fd = session.encrypt_stage()
         assert passphrase.decode() not in " ".join(argv)
-        encrypted, _ = collect([pipeline.Stage("gpg", argv, pass_fds=(fd,))], source=iter([b"patient data\n"]))
+        encrypted, _ = collect(
+            [pipeline.Stage("gpg", argv, pass_fds=(fd,))], source=iter([b"patient data\n"])
+        )
     assert b"patient data" not in encrypted
     assert not os.path.exists(session.home)
     pass_file = tmp_path / "pass"
@@ -75,9 +90,22 @@ def test_gpg_output_decrypts_with_stock_gpg(tmp_path):
     blob.write_bytes(encrypted)
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
-    out = subprocess.run(["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback",
-                          "--passphrase-file", str(pass_file), "--decrypt", str(blob)],
-                         capture_output=True, check=True)
+    out = subprocess.run(
+        [
+            "gpg",
+            "--homedir",
+            str(home),
+            "--batch",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-file",
+            str(pass_file),
+            "--decrypt",
+            str(blob),
+        ],
+        capture_output=True,
+        check=True,
+    )
     subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
     assert out.stdout == b"patient data\n"
 
@@ -85,8 +113,12 @@ def test_gpg_output_decrypts_with_stock_gpg(tmp_path):
 def test_wrong_passphrase_fails_decryption():
     with pipeline.GpgSession(b"right") as session:
         argv, fd = session.encrypt_stage()
-        encrypted, _ = collect([pipeline.Stage("gpg", argv, pass_fds=(fd,))], source=iter([b"x" * 100]))
+        encrypted, _ = collect(
+            [pipeline.Stage("gpg", argv, pass_fds=(fd,))], source=iter([b"x" * 100])
+        )
     with pipeline.GpgSession(b"wrong") as session:
         argv, fd = session.decrypt_stage()
         with pytest.raises(BackupError, match="gpg decryption failed"):
-            collect([pipeline.Stage("gpg decryption", argv, pass_fds=(fd,))], source=iter([encrypted]))
+            collect(
+                [pipeline.Stage("gpg decryption", argv, pass_fds=(fd,))], source=iter([encrypted])
+            )

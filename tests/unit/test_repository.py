@@ -8,7 +8,11 @@ import os
 import pytest
 
 from ansible_collections.clinic.backup.plugins.module_utils import catalog
-from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError, IntegrityError, StoreError
+from ansible_collections.clinic.backup.plugins.module_utils.errors import (
+    ConfigError,
+    IntegrityError,
+    StoreError,
+)
 from ansible_collections.clinic.backup.plugins.module_utils.repository import (
     LocalRepository,
     atomic_write,
@@ -22,11 +26,23 @@ def manifest_for(set_id, payload=b"data"):
     import hashlib
 
     return {
-        "format_version": 1, "id": set_id, "database": "clinic_db", "format": "custom",
-        "compression": {"algorithm": "none"}, "encryption": {"method": "none"},
-        "artifacts": [{"name": "database", "file": "db.dump", "content": "pg_dump-custom", "size": len(payload),
-                       "sha256": hashlib.sha256(payload).hexdigest()}],
-        "started_at": "2026-11-22T01:00:00.000000Z", "finished_at": "2026-11-22T01:00:05.000000Z",
+        "format_version": 1,
+        "id": set_id,
+        "database": "clinic_db",
+        "format": "custom",
+        "compression": {"algorithm": "none"},
+        "encryption": {"method": "none"},
+        "artifacts": [
+            {
+                "name": "database",
+                "file": "db.dump",
+                "content": "pg_dump-custom",
+                "size": len(payload),
+                "sha256": hashlib.sha256(payload).hexdigest(),
+            }
+        ],
+        "started_at": "2026-11-22T01:00:00.000000Z",
+        "finished_at": "2026-11-22T01:00:05.000000Z",
     }
 
 

@@ -72,6 +72,48 @@ def decompress_argv(compression):
     raise IntegrityError("manifest names unknown compression %r" % compression)
 
 
+GNUPG_HOME_PREFIX = "clinic-backup-gnupg-"
+
+
+def stop_gpg_home(home):
+    """Stop the gpg-agent serving ``home`` and remove the directory."""
+    gpgconf = shutil.which("gpgconf")
+    if gpgconf:
+        subprocess.run(
+            [gpgconf, "--homedir", home, "--kill", "gpg-agent"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def reap_stale_gpg_homes():
+    """Clean the gpg homes (and their daemonized agents) of killed runs.
+
+    The agent double-forks out of the run's process group, so a SIGKILLed run
+    leaves it behind; its home is named after the dead run's pid.
+    """
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if not name.startswith(GNUPG_HOME_PREFIX):
+            continue
+        try:
+            pid = int(name[len(GNUPG_HOME_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.lstat(path).st_uid != os.geteuid():
+                continue
+            os.kill(pid, 0)
+            continue  # its run is alive
+        except ProcessLookupError:
+            stop_gpg_home(path)
+        except OSError:
+            continue
+
+
 class GpgSession(object):
     """A private GNUPGHOME and the passphrase handed to gpg over a pipe.
 
@@ -86,7 +128,8 @@ class GpgSession(object):
             raise ConfigError("encryption needs a passphrase")
         self._passphrase = passphrase
         self.gpg = which_or_fail("gpg", "gnupg")
-        self.home = tempfile.mkdtemp(prefix="clinic-backup-gnupg-")
+        reap_stale_gpg_homes()
+        self.home = tempfile.mkdtemp(prefix="%s%d-" % (GNUPG_HOME_PREFIX, os.getpid()))
         os.chmod(self.home, 0o700)
 
     def _argv(self, fd, *action):
@@ -134,15 +177,7 @@ class GpgSession(object):
         return read_fd
 
     def close(self):
-        gpgconf = shutil.which("gpgconf")
-        if gpgconf:
-            subprocess.run(
-                [gpgconf, "--homedir", self.home, "--kill", "gpg-agent"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                check=False,
-            )
-        shutil.rmtree(self.home, ignore_errors=True)
+        stop_gpg_home(self.home)
 
     def __enter__(self):
         return self

@@ -32,6 +32,8 @@ attributes:
     details: Runs every check; does not record the result.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 options:
   repository:
     description: Local repository directory. Exactly one of O(repository) and O(bucket) is required.

@@ -33,6 +33,8 @@ attributes:
     details: Connects, checks the passphrase file, the tables and every target, writes nothing.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 options:
   format:
     description:

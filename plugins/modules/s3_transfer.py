@@ -29,6 +29,8 @@ attributes:
     support: full
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 options:
   bucket:
     description: S3 bucket holding the repository.

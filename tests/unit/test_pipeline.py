@@ -57,10 +57,10 @@ def test_consumer_exception_stops_the_pipeline():
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
 def test_compression_round_trip(compression):
     payload = os.urandom(1000) * 500
-    packed, _ = collect(
+    packed, _result = collect(
         [pipeline.Stage(compression, pipeline.compress_argv(compression))], source=iter([payload])
     )
-    unpacked, _ = collect(
+    unpacked, _result = collect(
         [pipeline.Stage("d", pipeline.decompress_argv(compression))], source=iter([packed])
     )
     assert unpacked == payload and len(packed) < len(payload)
@@ -79,7 +79,7 @@ def test_gpg_output_decrypts_with_stock_gpg(tmp_path):
     with pipeline.GpgSession(passphrase) as session:
         argv, fd = session.encrypt_stage()
         assert passphrase.decode() not in " ".join(argv)
-        encrypted, _ = collect(
+        encrypted, _result = collect(
             [pipeline.Stage("gpg", argv, pass_fds=(fd,))], source=iter([b"patient data\n"])
         )
     assert b"patient data" not in encrypted
@@ -113,7 +113,7 @@ def test_gpg_output_decrypts_with_stock_gpg(tmp_path):
 def test_wrong_passphrase_fails_decryption():
     with pipeline.GpgSession(b"right") as session:
         argv, fd = session.encrypt_stage()
-        encrypted, _ = collect(
+        encrypted, _result = collect(
             [pipeline.Stage("gpg", argv, pass_fds=(fd,))], source=iter([b"x" * 100])
         )
     with pipeline.GpgSession(b"wrong") as session:

@@ -19,10 +19,10 @@ VENV="${VENV:-$REPO/.venv}"
 STAMP="$VENV/.requirements.sha256"
 APT_PACKAGES=(
   postgresql postgresql-client gnupg zstd gzip python3-venv python3-dev gcc libpq-dev
-  rsync git make ca-certificates
+  rsync git make ca-certificates shellcheck
 )
 # Commands those packages provide (pg_ctl is checked separately: it is not on PATH).
-REQUIRED_COMMANDS=(psql pg_dump pg_restore gpg zstd gzip gcc pg_config rsync git make)
+REQUIRED_COMMANDS=(psql pg_dump pg_restore gpg zstd gzip gcc pg_config rsync git make shellcheck)
 
 log() { printf 'bootstrap: %s\n' "$*"; }
 die() { printf 'bootstrap: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -123,14 +123,14 @@ install_apt_packages() {
 if [[ "${CLINIC_SKIP_APT:-0}" == "1" ]]; then
   log "CLINIC_SKIP_APT=1: skipping system packages"
 else
-  missing="$(missing_tools)"
-  if [[ -z "$missing" ]]; then
+  absent_tools="$(missing_tools)"
+  if [[ -z "$absent_tools" ]]; then
     log "system packages: all present"
   else
-    log "system packages missing: $missing"
+    log "system packages missing: $absent_tools"
     install_apt_packages
-    missing="$(missing_tools)"
-    [[ -z "$missing" ]] || die "still missing after apt-get install: $missing"
+    absent_tools="$(missing_tools)"
+    [[ -z "$absent_tools" ]] || die "still missing after apt-get install: $absent_tools"
   fi
 fi
 

@@ -24,7 +24,7 @@ from tests.testbed.ansible import make_collection_path  # noqa: E402
 from tests.testbed.dataset import load_clinic_dataset  # noqa: E402
 from tests.testbed.pg import PostgresCluster  # noqa: E402
 
-DEMO = REPO_ROOT / ".demo"
+DEMO = Path(os.environ.get("CLINIC_DEMO_DIR") or REPO_ROOT / ".demo")
 
 
 def private_file(path: Path, text: str) -> Path:

@@ -47,7 +47,7 @@ export PATH="$VENV/bin:$PATH"
 export NO_COLOR=1 ANSIBLE_NOCOLOR=1
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/clinic-galaxy-import.XXXXXX")"
-# shellcheck disable=SC2329  # invoked via trap
+# shellcheck disable=SC2317,SC2329  # invoked via trap (SC2317 on shellcheck < 0.10)
 cleanup() {
   if [[ "${KEEP_TMP:-0}" == 1 ]]; then
     echo "KEEP_TMP=1: leaving $TMP" >&2

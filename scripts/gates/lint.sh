@@ -33,7 +33,7 @@ export PATH="$VENV/bin:$PATH"
 export NO_COLOR=1 ANSIBLE_NOCOLOR=1 ANSIBLE_LINT_SKIP_SCHEMA_UPDATE=1
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/clinic-lint.XXXXXX")"
-# shellcheck disable=SC2329  # invoked via trap
+# shellcheck disable=SC2317,SC2329  # invoked via trap (SC2317 on shellcheck < 0.10)
 cleanup() { rm -rf "$TMP"; }
 trap cleanup EXIT
 

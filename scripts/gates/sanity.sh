@@ -80,7 +80,7 @@ if ! command -v shellcheck >/dev/null 2>&1; then
 fi
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/clinic-sanity.XXXXXX")"
-# shellcheck disable=SC2329  # invoked via trap
+# shellcheck disable=SC2317,SC2329  # invoked via trap (SC2317 on shellcheck < 0.10)
 cleanup() {
   if [[ "${KEEP_TMP:-0}" == 1 ]]; then
     echo "KEEP_TMP=1: leaving $TMP" >&2

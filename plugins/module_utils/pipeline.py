@@ -14,13 +14,16 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import fcntl
 import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
+import time
 
 from .errors import BackupError, ConfigError, IntegrityError
 
@@ -88,30 +91,40 @@ def stop_gpg_home(home):
     shutil.rmtree(home, ignore_errors=True)
 
 
-def reap_stale_gpg_homes():
-    """Clean the gpg homes (and their daemonized agents) of killed runs.
+OWNER_LOCK = ".owner.lock"
 
-    The agent double-forks out of the run's process group, so a SIGKILLed run
-    leaves it behind; its home is named after the dead run's pid.
+
+def reap_stale_gpg_homes(min_age_seconds=60):
+    """Remove the gpg homes of killed runs.
+
+    A live session holds an flock on its home's lock file; the kernel drops
+    it when the process dies, so a home whose lock can be taken is stale.
+    (A pid check would misjudge runs in other containers sharing /tmp.)
     """
     base = tempfile.gettempdir()
     for name in os.listdir(base):
+        path = os.path.join(base, name)
         if not name.startswith(GNUPG_HOME_PREFIX):
             continue
         try:
-            pid = int(name[len(GNUPG_HOME_PREFIX) :].split("-", 1)[0])
-        except ValueError:
-            continue
-        path = os.path.join(base, name)
-        try:
-            if os.lstat(path).st_uid != os.geteuid():
+            info = os.lstat(path)
+            if info.st_uid != os.geteuid() or not stat.S_ISDIR(info.st_mode):
                 continue
-            os.kill(pid, 0)
-            continue  # its run is alive
-        except ProcessLookupError:
-            stop_gpg_home(path)
+            fd = os.open(os.path.join(path, OWNER_LOCK), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            # Not locked yet (just created) or an old layout: judge by age.
+            if time.time() - info.st_mtime > min_age_seconds:
+                stop_gpg_home(path)
+            continue
         except OSError:
             continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its run is alive
+        finally:
+            os.close(fd)
+        stop_gpg_home(path)
 
 
 class GpgSession(object):
@@ -129,8 +142,14 @@ class GpgSession(object):
         self._passphrase = passphrase
         self.gpg = which_or_fail("gpg", "gnupg")
         reap_stale_gpg_homes()
-        self.home = tempfile.mkdtemp(prefix="%s%d-" % (GNUPG_HOME_PREFIX, os.getpid()))
+        self.home = tempfile.mkdtemp(prefix=GNUPG_HOME_PREFIX)
         os.chmod(self.home, 0o700)
+        self._owner_fd = os.open(
+            os.path.join(self.home, OWNER_LOCK),
+            os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+            0o600,
+        )
+        fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
 
     def _argv(self, fd, *action):
         return [
@@ -158,6 +177,10 @@ class GpgSession(object):
             "AES256",
             "--s2k-digest-algo",
             "SHA512",
+            # An explicit count spares gpg from starting an agent just to calibrate
+            # one (1-2 s per artifact); 65011712 is the maximum, what agents pick.
+            "--s2k-count",
+            "65011712",
             "--compress-algo",
             "none",
             "--output",
@@ -178,6 +201,9 @@ class GpgSession(object):
 
     def close(self):
         stop_gpg_home(self.home)
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
 
     def __enter__(self):
         return self

@@ -18,26 +18,30 @@ __metaclass__ = type
 import base64
 import functools
 import hashlib
+import importlib.util
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import ConfigError, StoreError
 
-try:
-    import boto3
+# boto3 costs ~0.3 s and ~14 MB to import: load it only when S3 is used, so
+# local-only backups (the default) do not pay for it.
+HAS_BOTO3 = importlib.util.find_spec("boto3") is not None
+BOTO3_IMPORT_ERROR = None if HAS_BOTO3 else ImportError("No module named 'boto3'")
+
+
+def _botocore():
+    """botocore's config and exceptions modules, imported on first use."""
     import botocore.config
     import botocore.exceptions
 
-    HAS_BOTO3 = True
-    BOTO3_IMPORT_ERROR = None
-except ImportError as _exc:  # reported by the module with missing_required_lib
-    HAS_BOTO3 = False
-    BOTO3_IMPORT_ERROR = _exc
+    return botocore
+
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
 MAX_PARTS = 10000
-DEFAULT_PART_SIZE = 16 * MiB
+DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_CONCURRENCY = 4
 SSE_CHOICES = ("none", "AES256", "aws:kms")
 
@@ -64,7 +68,10 @@ def join_key(*parts):
 
 def describe_error(exc, action):
     """StoreError for a botocore exception: what failed, why, and how to fix it."""
-    if HAS_BOTO3 and isinstance(exc, botocore.exceptions.ClientError):
+    if not HAS_BOTO3:
+        return None
+    botocore = _botocore()
+    if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
         code = error.get("Code", "Unknown")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -76,17 +83,17 @@ def describe_error(exc, action):
         if error.get("Message"):
             message += ": %s" % error["Message"]
         return StoreError(message, _HINTS.get(code))
-    if HAS_BOTO3 and isinstance(exc, botocore.exceptions.NoCredentialsError):
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return StoreError(
             "S3 %s failed: no AWS credentials found" % action,
             "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role",
         )
-    if HAS_BOTO3 and isinstance(exc, botocore.exceptions.EndpointConnectionError):
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
         return StoreError(
             "S3 %s failed: cannot reach the endpoint: %s" % (action, exc),
             "check endpoint_url, DNS and the network path to S3",
         )
-    if HAS_BOTO3 and isinstance(exc, botocore.exceptions.BotoCoreError):
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
         return StoreError("S3 %s failed: %s" % (action, exc))
     return None
 
@@ -128,6 +135,9 @@ def make_client(
         )
     if bool(access_key) != bool(secret_key):
         raise ConfigError("access_key and secret_key must be given together")
+    import boto3.session
+
+    botocore = _botocore()
     try:
         session = boto3.session.Session(
             profile_name=profile or None,
@@ -190,7 +200,7 @@ def object_info(client, bucket, key):
     """head_object result, or None when the key does not exist."""
     try:
         return client.head_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as exc:
+    except _botocore().exceptions.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
@@ -288,8 +298,7 @@ class MultipartSink(object):
         self.extra_args = dict(extra_args or {})
         self.upload_id = None
         self.size = 0
-        self._chunks = []
-        self._buffered = 0
+        self._buffer = bytearray()
         self._next_part = 1
         self._futures = []
         self._slots = threading.BoundedSemaphore(self.concurrency)
@@ -301,14 +310,13 @@ class MultipartSink(object):
         return "s3://%s/%s" % (self.bucket, self.key)
 
     def write(self, chunk):
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
+        # One growing buffer and one copy per part: memory is about
+        # (concurrency + 1) x part_size per target whatever the backup size.
+        self._buffer += chunk
         self.size += len(chunk)
-        while self._buffered >= self.part_size:
-            data = b"".join(self._chunks)
-            part, rest = data[: self.part_size], data[self.part_size :]
-            self._chunks = [rest] if rest else []
-            self._buffered = len(rest)
+        while len(self._buffer) >= self.part_size:
+            part = bytes(memoryview(self._buffer)[: self.part_size])
+            del self._buffer[: self.part_size]
             self._submit(part)
 
     @s3_errors("multipart upload")
@@ -354,8 +362,8 @@ class MultipartSink(object):
 
     def close(self):
         """Finish the upload; return its location. Raises on any failed part."""
-        data = b"".join(self._chunks)
-        self._chunks = []
+        data = bytes(self._buffer)
+        self._buffer = bytearray()
         if self.upload_id is None:
             put_bytes(self.client, self.bucket, self.key, data, self.extra_args)
         else:

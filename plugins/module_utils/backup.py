@@ -212,6 +212,28 @@ class MultiTarget(object):
             )
 
 
+class Background(object):
+    """Run ``func(*args)`` on a thread; ``join`` returns its result or raises its error."""
+
+    def __init__(self, func, *args):
+        self._outcome = {}
+        self._thread = threading.Thread(target=self._run, args=(func, args))
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self, func, args):
+        try:
+            self._outcome["result"] = func(*args)
+        except BaseException as exc:  # re-raised by join in the caller's thread
+            self._outcome["error"] = exc
+
+    def join(self, quiet=False):
+        self._thread.join()
+        if "error" in self._outcome and not quiet:
+            raise self._outcome["error"]
+        return self._outcome.get("result")
+
+
 class Target(object):
     def __init__(self, repo):
         self.repo = repo
@@ -313,6 +335,7 @@ def _take_set(
     scratch = None
     counts = {}
     counter = None
+    globals_job = None
     try:
         for target in targets:
             target.writer = target.repo.begin(set_id)
@@ -322,7 +345,21 @@ def _take_set(
             counter.start()
         env = connection.child_env()
         fmt, extension, content = FORMATS[options.format]
-        artifacts = []
+        if options.include_globals:
+            # Small and independent of the dump: stream it alongside, not after.
+            globals_job = Background(
+                _stream_artifact,
+                targets,
+                options.artifact_file("globals", ".sql"),
+                [
+                    pipeline.Stage(
+                        "pg_dumpall",
+                        pg_dumpall_globals_argv(bin_dir, connection.dbname, snapshot.is_superuser),
+                        env=env,
+                    )
+                ]
+                + _filter_stages(options, gpg_session),
+            )
         db_file = options.artifact_file(connection.dbname, extension)
         if options.format == "directory":
             scratch = _scratch_dir(targets)
@@ -340,7 +377,7 @@ def _take_set(
         result, locations = _stream_artifact(
             targets, db_file, [producer] + _filter_stages(options, gpg_session)
         )
-        artifacts.append(
+        artifacts = [
             {
                 "name": "database",
                 "file": db_file,
@@ -349,24 +386,16 @@ def _take_set(
                 "sha256": result.sha256,
                 "locations": locations,
             }
-        )
+        ]
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
             scratch = None
-        if options.include_globals:
-            globals_file = options.artifact_file("globals", ".sql")
-            producer = pipeline.Stage(
-                "pg_dumpall",
-                pg_dumpall_globals_argv(bin_dir, connection.dbname, snapshot.is_superuser),
-                env=env,
-            )
-            result, locations = _stream_artifact(
-                targets, globals_file, [producer] + _filter_stages(options, gpg_session)
-            )
+        if globals_job is not None:
+            result, locations = globals_job.join()
             artifacts.append(
                 {
                     "name": "globals",
-                    "file": globals_file,
+                    "file": options.artifact_file("globals", ".sql"),
                     "content": GLOBALS_CONTENT,
                     "size": result.size,
                     "sha256": result.sha256,
@@ -428,6 +457,8 @@ def _take_set(
                         "could not update the newest-set pointer in %s: %s" % (target.repo.url, exc)
                     )
     except BaseException:
+        if globals_job is not None:
+            globals_job.join(quiet=True)  # it writes to the sinks about to be aborted
         for target in targets:
             if target.writer is not None and not target.committed:
                 target.writer.abort()

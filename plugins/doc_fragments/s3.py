@@ -30,9 +30,10 @@ options:
   s3_part_size_mb:
     description:
       - Size of each multipart upload part in MiB (at least 5).
-      - Memory used per upload is about O(s3_part_size_mb) times O(s3_concurrency).
+      - Memory used per S3 target is about O(s3_part_size_mb) times (O(s3_concurrency) + 1).
+      - An object can have at most 10,000 parts, so 8 MiB parts allow backups up to about 80 GB.
     type: int
-    default: 16
+    default: 8
   s3_concurrency:
     description: Parts uploaded in parallel.
     type: int

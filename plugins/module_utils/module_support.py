@@ -43,7 +43,7 @@ AWS_CREDENTIAL_ARGS = dict(
     aws_access_key=dict(type="str", no_log=True, aliases=["access_key"]),
     aws_secret_key=dict(type="str", no_log=True, aliases=["secret_key"]),
     aws_session_token=dict(type="str", no_log=True, aliases=["session_token"]),
-    s3_part_size_mb=dict(type="int", default=16),
+    s3_part_size_mb=dict(type="int", default=s3util.DEFAULT_PART_SIZE // s3util.MiB),
     s3_concurrency=dict(type="int", default=4),
     s3_retries=dict(type="int", default=8),
 )
@@ -82,7 +82,8 @@ def s3_repository(target, params):
         client,
         target["bucket"],
         target.get("prefix") or "",
-        part_size=(params.get("s3_part_size_mb") or 16) * s3util.MiB,
+        part_size=(params.get("s3_part_size_mb") or s3util.DEFAULT_PART_SIZE // s3util.MiB)
+        * s3util.MiB,
         concurrency=params.get("s3_concurrency") or 4,
         extra_args=extra,
     )

@@ -25,7 +25,14 @@ from .backup import BackupOptions, run_backup
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, LockedError
 from .metrics import write_job_metrics
-from .module_support import connection_from_params, error_result, local_repository, s3_repository
+from .module_support import (
+    AWS_CREDENTIAL_ARGS,
+    CONNECTION_ARGS,
+    connection_from_params,
+    error_result,
+    local_repository,
+    s3_repository,
+)
 from .verify import verify_set
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
@@ -61,6 +68,49 @@ def load_config(path):
     if not isinstance(config, dict):
         raise ConfigError("config %s must hold a JSON object" % path)
     return config
+
+
+# The pg_dump module's parameters (what the role renders), plus the agent's own "verify".
+CONFIG_KEYS = (
+    frozenset(BACKUP_OPTION_KEYS)
+    | frozenset(CONNECTION_ARGS)
+    | frozenset(AWS_CREDENTIAL_ARGS)
+    | frozenset(("repository", "s3_targets", "verify"))
+)
+INT_KEYS = (
+    "jobs",
+    "compression_level",
+    "compression_threads",
+    "stale_seconds",
+    "login_port",
+    "connect_timeout",
+    "s3_part_size_mb",
+    "s3_concurrency",
+    "s3_retries",
+)
+LIST_KEYS = ("tables", "exclude_tables", "s3_targets")
+
+
+def check_config(config):
+    """Reject what the module's argument spec would reject: a typo must not silently drop
+    a target, and text where a number belongs must not end in a traceback."""
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(
+            "config has unknown key(s): %s" % ", ".join(unknown),
+            "the keys are the pg_dump module's parameters (ansible-doc clinic.backup.pg_dump)",
+        )
+    for key in INT_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError("config key %s must be an integer (got %r)" % (key, value))
+    for key in LIST_KEYS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, list):
+            raise ConfigError("config key %s must be a list (got %r)" % (key, value))
+    for target in config.get("s3_targets") or []:
+        if not isinstance(target, dict) or not target.get("bucket"):
+            raise ConfigError("every entry of s3_targets needs a bucket (got %r)" % (target,))
 
 
 def repositories(config, for_writing):
@@ -135,6 +185,7 @@ def main(argv=None):
     try:
         config = load_config(args.config)
         database = config.get("database") or "unknown"
+        check_config(config)
         result = COMMANDS[args.command](config, args)
         code = EXIT_OK
     except LockedError as exc:
@@ -143,6 +194,13 @@ def main(argv=None):
         result, code = error_result(exc), EXIT_CONFIG
     except BackupError as exc:
         result, code = error_result(exc), EXIT_FAILED
+    except SystemExit as exc:
+        # SIGTERM (_terminate): the cleanup ran on the way out; the failure must still
+        # reach the metrics, or last_status keeps saying the previous run's 0.
+        code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
+        result = {
+            "msg": "terminated by signal %d before the %s finished" % (code - 128, args.command)
+        }
     result["ok"] = code == EXIT_OK
     if args.metrics_dir and args.command in ("backup", "verify") and code != EXIT_LOCKED:
         write_job_metrics(

@@ -59,6 +59,12 @@ def validate_manifest(data, set_id):
         ):
             raise IntegrityError("manifest of %s has a malformed artifact entry" % set_id)
         check_file_name(artifact["file"])
+    if [a["name"] for a in data["artifacts"]].count("database") != 1:
+        # Every set has exactly one database dump; a set without it restores nothing.
+        raise IntegrityError(
+            "manifest of %s does not list exactly one database artifact" % set_id,
+            "the manifest was truncated or tampered with: use another set",
+        )
     return data
 
 

@@ -142,14 +142,16 @@ class PgConnection(object):
             return psycopg2.connect(**kwargs)
         except psycopg2.OperationalError as exc:
             raise SourceError(
-                "cannot connect to %s: %s" % (self.describe(), _first_line(exc)),
+                "cannot connect to %s: %s" % (self.describe(), _one_line(exc)),
                 "check that the server is running, the database exists and the credentials are right",
             ) from exc
 
 
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+def _one_line(exc):
+    """libpq's message on one line: its first line alone can end inside a quoted name
+    holding a newline ('database "clinic_db<newline>x" does not exist')."""
+    text = " ".join(str(exc).split())
+    return text or exc.__class__.__name__
 
 
 class Snapshot(object):
@@ -189,7 +191,7 @@ class Snapshot(object):
         except psycopg2.Error as exc:
             self.close()
             raise SourceError(
-                "cannot start a snapshot on %s: %s" % (self.connection.describe(), _first_line(exc))
+                "cannot start a snapshot on %s: %s" % (self.connection.describe(), _one_line(exc))
             ) from exc
         return self
 

@@ -21,6 +21,7 @@ __metaclass__ = type
 
 import datetime
 import errno
+import hashlib
 import json
 import os
 import re
@@ -43,6 +44,25 @@ def safe_name(text, limit=48):
     """A file-name-safe rendering of a database name (for ids and pointers)."""
     cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", text).strip("._-") or "db"
     return cleaned[:limit]
+
+
+def latest_file(database):
+    """File name of a database's newest-set pointer.
+
+    safe_name() maps different names to one ('clinic;db', 'clinic db' and 'clinic_db';
+    names past 48 characters): when it changed the name, a hash of the real one is
+    appended so that each database keeps its own pointer.
+    """
+    name = safe_name(database)
+    if name != database:
+        name += "-" + hashlib.sha256(database.encode("utf-8")).hexdigest()[:8]
+    return name + ".json"
+
+
+def _pointer_set_id(raw, database):
+    """The set id of a pointer document, if it is this database's pointer."""
+    pointer = json.loads(raw.decode("utf-8"))
+    return pointer.get("set_id") if pointer.get("database") == database else None
 
 
 def check_set_id(set_id):
@@ -290,16 +310,12 @@ class LocalRepository(object):
 
     def write_latest(self, database, set_id):
         pointer = {"database": database, "set_id": set_id}
-        atomic_write(
-            os.path.join(self.path, LATEST, safe_name(database) + ".json"), dump_json(pointer)
-        )
+        atomic_write(os.path.join(self.path, LATEST, latest_file(database)), dump_json(pointer))
 
     def read_latest(self, database):
         try:
-            with open(
-                os.path.join(self.path, LATEST, safe_name(database) + ".json"), "rb"
-            ) as handle:
-                return json.loads(handle.read().decode("utf-8")).get("set_id")
+            with open(os.path.join(self.path, LATEST, latest_file(database)), "rb") as handle:
+                return _pointer_set_id(handle.read(), database)
         except (OSError, ValueError):
             return None
 
@@ -455,7 +471,7 @@ class S3Repository(object):
         return S3SetWriter(self, set_id)
 
     def write_latest(self, database, set_id):
-        key = s3util.join_key(self.prefix, LATEST, safe_name(database) + ".json")
+        key = s3util.join_key(self.prefix, LATEST, latest_file(database))
         s3util.put_bytes(
             self.client,
             self.bucket,
@@ -465,13 +481,11 @@ class S3Repository(object):
         )
 
     def read_latest(self, database):
-        key = s3util.join_key(self.prefix, LATEST, safe_name(database) + ".json")
+        key = s3util.join_key(self.prefix, LATEST, latest_file(database))
         if s3util.object_info(self.client, self.bucket, key) is None:
             return None
         try:
-            return json.loads(s3util.get_bytes(self.client, self.bucket, key).decode("utf-8")).get(
-                "set_id"
-            )
+            return _pointer_set_id(s3util.get_bytes(self.client, self.bucket, key), database)
         except ValueError:
             return None
 

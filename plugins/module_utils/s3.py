@@ -160,8 +160,18 @@ def make_client(
 
 @s3_errors("bucket check")
 def check_bucket(client, bucket):
-    """Fail clearly if the bucket is missing or unreachable (before writing anything)."""
-    client.head_bucket(Bucket=bucket)
+    """Fail clearly if the bucket is missing or unreachable (before writing anything).
+
+    Error answers to HEAD have no body, so a 400/403 does not say why (revoked key,
+    wrong secret, expired token, missing permission): ask again with a GET
+    (ListObjectsV2), whose error document names the cause.
+    """
+    try:
+        client.head_bucket(Bucket=bucket)
+    except _botocore().exceptions.ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (400, 403):
+            client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+        raise
 
 
 @s3_errors("list")

@@ -72,7 +72,9 @@ def _content_reader(content, bin_dir):
     if content == "pg_dump-custom":
         return [os.path.join(bin_dir, "pg_restore"), "--list"]
     if content == "pg_dump-directory-tar":
-        return [pipeline.which_or_fail("tar", "tar"), "-tvf", "-"]
+        # --numeric-owner: owner names may contain spaces, which would shift the
+        # whitespace-split fields of each line and hide the member name from the checks.
+        return [pipeline.which_or_fail("tar", "tar"), "--numeric-owner", "-tvf", "-"]
     return None
 
 
@@ -203,6 +205,19 @@ def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep
             consumer.abort()
     finally:
         reader.fileobj.close()
+    if (
+        deep
+        and encrypted
+        and content_error
+        and "Bad session key" in content_error
+        and reader.sha256 == artifact["sha256"]
+    ):
+        # Intact bytes gpg cannot open: the passphrase is wrong, not the set. Raised (not
+        # recorded) so that an operator error does not mark a good set as failed.
+        raise ConfigError(
+            "the passphrase does not decrypt %s" % repo.location(set_id, name),
+            "use the passphrase this set was encrypted with; the set is intact (sha256 matches)",
+        )
     if reader.sha256 != artifact["sha256"]:
         checks.append(
             Check(

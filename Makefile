@@ -4,7 +4,7 @@ VENV ?= $(CURDIR)/.venv
 PYTHON := $(VENV)/bin/python
 export VENV
 
-.PHONY: help bootstrap demo test lint pytest test-unit test-integration sanity galaxy-import bench clean
+.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults sanity galaxy-import bench clean
 
 help:
 	@echo "make demo   - back up a local PostgreSQL (throwaway sample cluster unless DATABASE_URL is set)"
@@ -35,6 +35,9 @@ test-unit: bootstrap
 
 test-integration: bootstrap
 	$(PYTHON) -m pytest tests/integration
+
+test-faults: bootstrap
+	$(PYTHON) -m pytest tests/faults
 
 sanity: bootstrap
 	bash scripts/gates/sanity.sh

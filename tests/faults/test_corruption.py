@@ -42,7 +42,7 @@ def template(pg, collections_path, tmp_path_factory) -> dict[str, Any]:
     repo_dir.mkdir(mode=0o700)
     config = agent_config(work, pg, pg.clinic_db, passphrase, repository=repo_dir)
     ids = []
-    for _ in range(2):
+    for _round in range(2):
         result = faultlib.run_agent(collections_path, config)
         assert result.rc == 0, result.text()
         ids.append(result.doc["set_id"])

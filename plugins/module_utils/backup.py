@@ -23,7 +23,7 @@ import time
 
 from . import pipeline
 from .catalog import FORMAT_VERSION
-from .errors import BackupError, ConfigError, SourceError, StoreError
+from .errors import BackupError, ConfigError, SourceError, StoreError, UnreachableError
 from .locking import RunLock, lock_path_for
 from .passphrase import load_passphrase
 from .pgsource import Snapshot, find_pg_bin_dir, table_pattern, tool_version
@@ -289,8 +289,16 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
             "no backup target given", "set a local repository and/or at least one S3 target"
         )
     passphrase = load_passphrase(options.passphrase_file) if options.encrypt else None
+    unreachable = {}
     for repo in repositories:
-        repo.check_writable()
+        try:
+            repo.check_writable()
+        except UnreachableError as exc:
+            # An outage of one target must not cost the others tonight's backup;
+            # a misconfiguration (missing bucket, bad credentials) still stops here.
+            unreachable[repo.url] = exc
+    if len(unreachable) == len(repositories):
+        raise next(iter(unreachable.values()))
     started = now or utc_now()
     clock = time.time()
     with Snapshot(connection) as snapshot:
@@ -309,11 +317,13 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
                 "database": connection.dbname,
                 "targets": [r.url for r in repositories],
                 "check_mode": True,
+                "warnings": ["%s is unreachable: %s" % item for item in unreachable.items()],
             }
         with RunLock(lock_path_for(repositories)):
             for repo in repositories:
-                repo.ensure_layout()
-                repo.cleanup_incomplete(older_than_seconds=options.stale_seconds)
+                if repo.url not in unreachable:
+                    repo.ensure_layout()
+                    repo.cleanup_incomplete(older_than_seconds=options.stale_seconds)
             return _take_set(
                 connection,
                 repositories,
@@ -324,13 +334,25 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
                 set_id,
                 started,
                 clock,
+                unreachable,
             )
 
 
 def _take_set(
-    connection, repositories, options, snapshot, bin_dir, passphrase, set_id, started, clock
+    connection,
+    repositories,
+    options,
+    snapshot,
+    bin_dir,
+    passphrase,
+    set_id,
+    started,
+    clock,
+    unreachable,
 ):
     targets = [Target(repo) for repo in repositories]
+    for target in targets:
+        target.error = unreachable.get(target.repo.url)
     gpg_session = pipeline.GpgSession(passphrase) if passphrase else None
     scratch = None
     counts = {}
@@ -338,7 +360,8 @@ def _take_set(
     globals_job = None
     try:
         for target in targets:
-            target.writer = target.repo.begin(set_id)
+            if target.error is None:
+                target.writer = target.repo.begin(set_id)
         if options.row_counts:
             counter = threading.Thread(target=_count_rows, args=(snapshot, counts))
             counter.daemon = True
@@ -439,7 +462,8 @@ def _take_set(
         }
         for target in targets:
             if target.error is not None:
-                target.writer.abort()
+                if target.writer is not None:
+                    target.writer.abort()
                 continue
             try:
                 target.writer.commit(manifest)

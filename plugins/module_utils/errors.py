@@ -38,6 +38,11 @@ class StoreError(BackupError):
     """A repository (local directory or S3) could not be written or read."""
 
 
+class UnreachableError(StoreError):
+    """A target could not be reached (network, 5xx after every retry): an
+    outage, not a misconfiguration; the other targets still get the set."""
+
+
 class IntegrityError(BackupError):
     """A stored backup does not match its manifest."""
 

@@ -22,7 +22,7 @@ import importlib.util
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, UnreachableError
 
 # boto3 costs ~0.3 s and ~14 MB to import: load it only when S3 is used, so
 # local-only backups (the default) do not pay for it.
@@ -58,6 +58,10 @@ _HINTS = {
 }
 
 
+# Answers that mean "S3 is not available right now", as opposed to "this request is wrong".
+_OUTAGE_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500")
+
+
 def s3_url(bucket, prefix=""):
     return "s3://%s/%s" % (bucket, prefix.strip("/")) if prefix.strip("/") else "s3://%s" % bucket
 
@@ -82,14 +86,15 @@ def describe_error(exc, action):
         message = "S3 %s failed: %s%s" % (action, code, (" (HTTP %s)" % status) if status else "")
         if error.get("Message"):
             message += ": %s" % error["Message"]
-        return StoreError(message, _HINTS.get(code))
+        outage = code in _OUTAGE_CODES or (isinstance(status, int) and status >= 500)
+        return (UnreachableError if outage else StoreError)(message, _HINTS.get(code))
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return StoreError(
             "S3 %s failed: no AWS credentials found" % action,
             "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role",
         )
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return StoreError(
+    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+        return UnreachableError(
             "S3 %s failed: cannot reach the endpoint: %s" % (action, exc),
             "check endpoint_url, DNS and the network path to S3",
         )

@@ -218,3 +218,35 @@ def test_other_formats_verify(ansible, connection_args, passphrase_file, repo_di
     ).assert_ok()
     assert run.result("verify")["ok"] is True
     assert helpers.staging_leftovers(repo_dir) == []
+
+
+def test_unreachable_s3_still_gets_the_local_copy_and_fails_naming_s3(
+    ansible, connection_args, passphrase_file, repo_dir
+):
+    """An S3 outage at 01:00 must not cost the clinic its local backup, nor pass as success."""
+    from testbed.netutil import free_port
+
+    down = {"bucket": "clinic-backups", "endpoint_url": "http://127.0.0.1:%d" % free_port()}
+    run = ansible.play(
+        [
+            dict(
+                backup_task(
+                    connection_args, passphrase_file, repository=repo_dir, s3_targets=[down]
+                ),
+                ignore_errors=True,
+            ),
+            {
+                "name": "verify local",
+                "clinic.backup.backup_verify": {
+                    "repository": repo_dir,
+                    "passphrase_file": passphrase_file,
+                },
+            },
+        ]
+    )
+    backup = run.result("backup")
+    assert backup["_status"] in ("failed", "ignored")
+    assert "cannot reach the endpoint" in backup["msg"] and down["endpoint_url"] in backup["msg"]
+    assert [(t["kind"], t["ok"]) for t in backup["targets"]] == [("local", True), ("s3", False)]
+    assert helpers.local_sets(repo_dir) == [backup["set_id"]]
+    assert run.result("verify local")["ok"] is True

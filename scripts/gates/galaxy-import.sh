@@ -27,6 +27,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=scripts/gates/copy-checkout.sh
+source "$REPO/scripts/gates/copy-checkout.sh"
 VENV="${VENV:-$REPO/.venv}"
 
 # Importer warnings that are not findings (extended regex, matched against the whole line
@@ -63,14 +65,7 @@ start=$SECONDS
 SRC="$TMP/src"
 mkdir -p "$SRC" "$TMP/dist" "$TMP/work" "$TMP/ansible-tmp"
 log "copying git ls-files -co --exclude-standard into $SRC"
-(
-  cd "$REPO"
-  git ls-files -co --exclude-standard -z |
-    while IFS= read -r -d '' f; do
-      if [[ -e "$f" || -L "$f" ]]; then printf '%s\0' "$f"; fi
-    done |
-    tar --null --no-recursion -T - -cf -
-) | tar -C "$SRC" -xpf -
+copy_checkout "$REPO" "$SRC"
 
 export ANSIBLE_LOCAL_TEMP="$TMP/ansible-tmp"
 log "ansible-galaxy collection build --output-path $TMP/dist $SRC"

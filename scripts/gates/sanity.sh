@@ -49,6 +49,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=scripts/gates/copy-checkout.sh
+source "$REPO/scripts/gates/copy-checkout.sh"
 VENV="${VENV:-$REPO/.venv}"
 PY="$VENV/bin/python"
 ANSIBLE_TEST="$VENV/bin/ansible-test"
@@ -171,15 +173,7 @@ fi
 COLL="$TMP/ansible_collections/clinic/backup"
 mkdir -p "$COLL"
 log "copying git ls-files -co --exclude-standard into $COLL"
-(
-  cd "$REPO"
-  # Tracked files deleted from the work tree are still listed: keep only existing paths.
-  git ls-files -co --exclude-standard -z |
-    while IFS= read -r -d '' f; do
-      if [[ -e "$f" || -L "$f" ]]; then printf '%s\0' "$f"; fi
-    done |
-    tar --null --no-recursion -T - -cf -
-) | tar -C "$COLL" -xpf -
+copy_checkout "$REPO" "$COLL"
 
 # --- 3. run -------------------------------------------------------------------------
 skip_args=()

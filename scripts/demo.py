@@ -22,24 +22,16 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from tests.testbed.ansible import make_collection_path  # noqa: E402
 from tests.testbed.dataset import load_clinic_dataset  # noqa: E402
+from tests.testbed.files import write_private  # noqa: E402
 from tests.testbed.pg import PostgresCluster  # noqa: E402
 
 DEMO = Path(os.environ.get("CLINIC_DEMO_DIR") or REPO_ROOT / ".demo")
 
 
-def private_file(path: Path, text: str) -> Path:
-    """Write a 0600 file (created with that mode: never readable by others)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    return path
-
-
 def passphrase() -> Path:
     path = DEMO / "backup-passphrase"
     if not path.exists():  # keep it: it is the only key to the demo's earlier backups
-        private_file(path, secrets.token_urlsafe(32) + "\n")
+        write_private(path, secrets.token_urlsafe(32) + "\n")
     return path
 
 
@@ -98,13 +90,13 @@ def main() -> int:
             cluster.create_role("clinic_user", password)
             cluster.create_database("clinic_db", owner="clinic_user")
             load_clinic_dataset(cluster, "clinic_db", owner="clinic_user", scale=0.2)
-            passfile = private_file(
+            passfile = write_private(
                 DEMO / "pgpass", "127.0.0.1:%d:*:clinic_user:%s\n" % (cluster.port, password)
             )
             demo_vars.update(
                 clinic_backup_login_port=cluster.port, clinic_backup_passfile=str(passfile)
             )
-        private_file(
+        write_private(
             vars_file, json.dumps({k: v for k, v in demo_vars.items() if v is not None}, indent=2)
         )
         run_playbook("backup.yml", vars_file, env)

@@ -7,7 +7,6 @@ Tests must treat ``clinic_db`` as read-only (restore into ``scratch_db`` instead
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from testbed.ansible import ansible_env, make_collection_path
 from testbed.dataset import load_clinic_dataset, table_fingerprints
+from testbed.files import write_passphrase_file
 from testbed.pg import PostgresCluster
 from testbed.s3 import MotoS3Server
 
@@ -121,11 +121,7 @@ def ansible_environ(collections_path: str) -> dict[str, str]:
 @pytest.fixture
 def passphrase_file(tmp_path: Path) -> Path:
     """A 0600 file holding a random passphrase followed by a newline."""
-    path = tmp_path / "passphrase"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
-    return path
+    return write_passphrase_file(tmp_path / "passphrase")
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import secrets
 import subprocess
 import tarfile
@@ -38,6 +37,7 @@ from typing import Any
 import pytest
 from testbed.ansible import ansible_env, run_playbook
 from testbed.faultproxy import FaultProxy
+from testbed.files import write_private
 from testbed.s3 import MotoS3Server
 
 from ansible_collections.clinic.backup.plugins.module_utils import catalog
@@ -51,14 +51,6 @@ from ansible_collections.clinic.backup.plugins.module_utils.verify import verify
 
 from . import faultlib
 from .faultlib import agent_config, helpers
-
-
-def _private(path: Path, data: bytes, mode: int = 0o600) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, mode)
-    return path
 
 
 def _clear(result: dict[str, Any], words: list[str]) -> bool:
@@ -186,15 +178,15 @@ def module_cases(
     """(task name, module, arguments, words the error must contain)."""
     files = tmp_path / "inputs"
     files.mkdir()
-    empty = _private(files / "empty", b"")
-    two_lines = _private(files / "two-lines", b"first line\nsecond line\n")
+    empty = write_private(files / "empty", b"")
+    two_lines = write_private(files / "two-lines", b"first line\nsecond line\n")
     link = files / "link"
     link.symlink_to(passphrase_file)
     a_dir = files / "a-directory"
     a_dir.mkdir(mode=0o700)
-    group_readable = _private(files / "group-readable", b"secret passphrase\n", 0o640)
-    world_readable = _private(files / "world-readable", b"secret passphrase\n", 0o644)
-    a_file = _private(files / "not-a-directory", b"")
+    group_readable = write_private(files / "group-readable", b"secret passphrase\n", 0o640)
+    world_readable = write_private(files / "world-readable", b"secret passphrase\n", 0o644)
+    a_file = write_private(files / "not-a-directory", b"")
     conn = {
         "database": pg.clinic_db,
         "login_host": pg.host,
@@ -554,7 +546,7 @@ def _agent_case(
 ):
     metrics_dir = tmp_path / "metrics"
     if extra is None:
-        config = str(_private(tmp_path / "broken.json", b'{"database": "clinic_db", '))
+        config = str(write_private(tmp_path / "broken.json", b'{"database": "clinic_db", '))
     else:
         config = agent_config(
             tmp_path, pg, pg.clinic_db, passphrase_file, repository=repo_dir, **extra
@@ -657,22 +649,9 @@ def build_directory_set(
     home.mkdir(mode=0o700)
     try:
         encrypted = subprocess.run(
-            [
-                "gpg",
-                "--homedir",
-                str(home),
-                "--batch",
-                "--quiet",
-                "--pinentry-mode",
-                "loopback",
-                "--passphrase-file",
-                str(passphrase_file),
-                "--symmetric",
-                "--cipher-algo",
-                "AES256",
-                "--output",
-                "-",
-            ],
+            helpers.stock_gpg(
+                passphrase_file, home, "--symmetric", "--cipher-algo", "AES256", "--output", "-"
+            ),
             input=compressed,
             capture_output=True,
             check=True,
@@ -769,7 +748,7 @@ def _wrong_passphrase_verify(
     Returns (set id, what verify said, whether it said ok, tree before, tree after). verify
     may answer with a failed outcome or refuse with an error; both are accepted here.
     """
-    wrong = _private(tmp_path / "wrong-passphrase", secrets.token_urlsafe(32).encode() + b"\n")
+    wrong = write_private(tmp_path / "wrong-passphrase", secrets.token_urlsafe(32).encode() + b"\n")
     repo = faultlib.local_repository(good_repo)
     right = verify_set(
         repo, passphrase_file=str(passphrase_file), max_age_hours=0, size_tolerance_percent=0

@@ -13,15 +13,14 @@ offsets; the deterministic manifest edits run once each.
 from __future__ import annotations
 
 import json
-import os
 import random
-import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from testbed.files import write_passphrase_file
 
 from ansible_collections.clinic.backup.plugins.module_utils import catalog
 from ansible_collections.clinic.backup.plugins.module_utils.verify import verify_set
@@ -34,10 +33,7 @@ from .faultlib import agent_config, helpers
 def template(pg, collections_path, tmp_path_factory) -> dict[str, Any]:
     """A repository with two complete, verified sets of clinic_db (older, newer)."""
     work = tmp_path_factory.mktemp("corruption")
-    passphrase = work / "passphrase"
-    fd = os.open(passphrase, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
+    passphrase = write_passphrase_file(work / "passphrase")
     repo_dir = work / "template"
     repo_dir.mkdir(mode=0o700)
     config = agent_config(work, pg, pg.clinic_db, passphrase, repository=repo_dir)

@@ -31,6 +31,7 @@ from typing import Any
 import psycopg2
 import pytest
 from testbed.faultproxy import FaultProxy
+from testbed.files import write_passphrase_file
 
 from . import faultlib
 from .faultlib import agent_config, helpers
@@ -265,10 +266,7 @@ def sigterm_runs(pg, faults_db, s3, collections_path, tmp_path_factory, fault_su
     import secrets as _secrets
 
     work = tmp_path_factory.mktemp("sigterm")
-    passphrase = work / "passphrase"
-    fd = os.open(passphrase, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(_secrets.token_urlsafe(32) + "\n")
+    passphrase = write_passphrase_file(work / "passphrase")
     repo_dir = work / "repo"
     repo_dir.mkdir(mode=0o700)
     metrics_dir = work / "metrics"

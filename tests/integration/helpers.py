@@ -59,8 +59,8 @@ def pipe(*argvs, stdin_path=None, env=None) -> bytes:
             source.close()
 
 
-def stock_gpg(passphrase_file, home) -> list[str]:
-    """The emergency command an operator would type: stock gpg, passphrase from the file."""
+def stock_gpg(passphrase_file, home, *action: str) -> list[str]:
+    """Stock gpg as an operator would type it, passphrase from the file; default --decrypt."""
     return [
         "gpg",
         "--homedir",
@@ -71,7 +71,7 @@ def stock_gpg(passphrase_file, home) -> list[str]:
         "loopback",
         "--passphrase-file",
         str(passphrase_file),
-        "--decrypt",
+        *(action or ("--decrypt",)),
     ]
 
 

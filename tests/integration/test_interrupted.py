@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testbed.files import write_private
 
 from tests.integration import helpers
 
@@ -44,9 +45,7 @@ def agent_config(tmp_path, pg, database, passphrase_file, **extra):
     }
     config.update(extra)
     path = tmp_path / ("agent-%d.json" % len(list(tmp_path.glob("agent-*.json"))))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(config, handle, default=str)
+    write_private(path, json.dumps(config, default=str))
     return str(path)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .files import write_private
 from .s3 import AWS_LEAKS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -166,7 +167,7 @@ def run_playbook(
         argv = [_ansible_command("ansible-playbook"), "-i", inventory, "-c", "local"]
         if extra_vars is not None:
             vars_file = Path(work, "extra_vars.json")
-            _write_private(vars_file, json.dumps(dict(extra_vars)))
+            write_private(vars_file, json.dumps(dict(extra_vars)))
             argv += ["-e", f"@{vars_file}"]
         if check:
             argv.append("--check")
@@ -221,7 +222,7 @@ def run_module(
     ]
     with tempfile.TemporaryDirectory(prefix="clinic-module-") as work:
         playbook = Path(work, "run_module.yml")
-        _write_private(playbook, yaml.dump(play, Dumper=_UnsafeDumper, sort_keys=False))
+        write_private(playbook, yaml.dump(play, Dumper=_UnsafeDumper, sort_keys=False))
         result = run_playbook(playbook, env, check=check, timeout=timeout)
     found = result.task_results("run_module")
     if len(found) != 1:
@@ -246,12 +247,6 @@ class _UnsafeDumper(yaml.SafeDumper):
 _UnsafeDumper.add_representer(
     _UnsafeArgs, lambda dumper, data: dumper.represent_mapping("!unsafe", dict(data))
 )
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
 
 
 def _run(

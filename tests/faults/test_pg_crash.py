@@ -7,6 +7,12 @@ sends) - and pg_dump is let go. The run must fail naming pg_dump and the lost co
 count nothing (no set, latest unchanged, metrics status 1 with the last success kept) and
 clean its staging area itself. After the cluster restarts (crash recovery), the next run
 succeeds and verifies.
+
+The agent connects over the cluster's unix socket on purpose: its kernel buffers hold a
+few hundred KiB, so the server is certainly still streaming the multi-MB ``scans`` table
+when it dies. Over loopback TCP the receive buffer autotunes up to ``tcp_rmem`` (32 MiB
+here), the dying server's last rows could all be in flight already, and pg_dump would
+then rightly finish a complete dump - a real success, but no fault injected.
 """
 
 from __future__ import annotations
@@ -63,7 +69,14 @@ def test_server_stopping_mid_dump_fails_clearly_and_counts_nothing(
     crash_pg, collections_path, passphrase_file, repo_dir, tmp_path, fault_repeat, summary_row
 ):
     metrics_dir = tmp_path / "metrics"
-    config = agent_config(tmp_path, crash_pg, "crash_db", passphrase_file, repository=repo_dir)
+    config = agent_config(
+        tmp_path,
+        crash_pg,
+        "crash_db",
+        passphrase_file,
+        repository=repo_dir,
+        login_host=crash_pg.socket_dir,
+    )
     repo = faultlib.local_repository(repo_dir)
     first = faultlib.run_agent(collections_path, config, metrics_dir=metrics_dir)
     assert first.rc == 0, first.text()

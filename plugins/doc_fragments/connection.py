@@ -8,20 +8,14 @@ __metaclass__ = type
 
 
 class ModuleDocFragment(object):
-    # PostgreSQL connection options shared by the modules that read a database.
+    # How to reach a PostgreSQL server: shared by the modules that dump or restore.
     DOCUMENTATION = r"""
 options:
-  database:
-    description:
-      - Name of the database to back up.
-      - Required unless O(database_url) names one.
-    type: str
-    aliases: [db, login_db]
   database_url:
     description:
       - A libpq URL such as V(postgresql://clinic_user@db.example:5432/clinic_db), as in C(DATABASE_URL).
       - A password inside the URL is moved to the child's environment, never to its command line.
-      - Explicit O(login_host), O(login_port), O(login_user), O(login_password) and O(database) override its parts.
+      - Explicit O(login_host), O(login_port), O(login_user) and O(login_password) override its parts.
     type: str
   login_host:
     description: Host name or Unix socket directory of the server.

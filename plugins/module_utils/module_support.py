@@ -49,14 +49,18 @@ AWS_CREDENTIAL_ARGS = dict(
 )
 
 
-def connection_from_params(params):
-    """PgConnection from module parameters; explicit login_* override the URL."""
+def connection_from_params(params, dbname=None):
+    """PgConnection from module parameters; explicit login_* override the URL.
+
+    ``dbname``: the database to connect to when it is not ``params["database"]``
+    (restore connects to a maintenance database).
+    """
     return PgConnection(
         url=params.get("database_url"),
         host=params.get("login_host"),
         port=params.get("login_port"),
         user=params.get("login_user"),
-        dbname=params.get("database"),
+        dbname=dbname or params.get("database"),
         password=params.get("login_password"),
         passfile=params.get("passfile"),
         sslmode=params.get("ssl_mode"),
@@ -98,6 +102,13 @@ def s3_target_options():
 
 def local_repository(path, must_exist=True):
     return LocalRepository(path, must_exist=must_exist)
+
+
+def repository_from_params(params):
+    """The one repository a module reads: ``repository`` (local) or ``bucket``/``prefix``."""
+    if params.get("repository"):
+        return local_repository(params["repository"])
+    return s3_repository(params, params)
 
 
 def error_result(exc):

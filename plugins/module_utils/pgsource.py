@@ -110,6 +110,18 @@ class PgConnection(object):
     def dbname(self):
         return self.params["dbname"]
 
+    def for_database(self, dbname):
+        """The same server and credentials, another database."""
+        other = PgConnection.__new__(PgConnection)
+        other.params = dict(self.params, dbname=dbname)
+        return other
+
+    def conninfo_dbname(self):
+        """``--dbname`` value naming only the database, as a quoted conninfo keyword:
+        a bare name holding '=' would otherwise be parsed as a whole connection string.
+        Host, port and user still come from child_env()."""
+        return "dbname='%s'" % self.dbname.replace("\\", "\\\\").replace("'", "\\'")
+
     def child_env(self, base=None):
         """Environment for pg_dump & co: inherited env minus stray PG settings, plus ours."""
         env = dict(os.environ if base is None else base)

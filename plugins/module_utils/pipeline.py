@@ -223,6 +223,7 @@ class Stage(object):
         self.cwd = cwd
         self.proc = None
         self._stderr = tempfile.TemporaryFile()
+        self._final_tail = ""
 
     def start(self, stdin, stdout):
         self.proc = subprocess.Popen(
@@ -240,13 +241,18 @@ class Stage(object):
         return self.proc
 
     def stderr_tail(self):
+        if self._stderr.closed:
+            return self._final_tail
         self._stderr.seek(0)
         data = self._stderr.read()
         text = data[-STDERR_TAIL:].decode("utf-8", "replace").strip()
         return text
 
     def close(self):
-        self._stderr.close()
+        """Release the stderr file, keeping its tail for whoever reports afterwards."""
+        if not self._stderr.closed:
+            self._final_tail = self.stderr_tail()
+            self._stderr.close()
 
 
 class StreamResult(object):

@@ -133,8 +133,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     AWS_CREDENTIAL_ARGS,
     S3_LOCATION_ARGS,
     error_result,
-    local_repository,
-    s3_repository,
+    repository_from_params,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.verify import verify_set
 
@@ -155,12 +154,6 @@ def argument_spec():
         pg_bin_dir=dict(type="path"),
     )
     return spec
-
-
-def repository_from_params(params):
-    if params["repository"]:
-        return local_repository(params["repository"])
-    return s3_repository(params, params)
 
 
 def main():

@@ -36,6 +36,12 @@ attributes:
   platform:
     platforms: posix
 options:
+  database:
+    description:
+      - Name of the database to back up.
+      - Required unless O(database_url) names one; overrides the URL's database.
+    type: str
+    aliases: [db, login_db]
   format:
     description:
       - pg_dump output format. V(custom) is restorable selectively and in parallel by C(pg_restore).

@@ -1,0 +1,797 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Restore a backup set into PostgreSQL, and rehearse restores.
+
+A restore never writes into the database it is meant to produce. It builds a
+work database (``<target>__restoring_<hex>``), streams the artifact into it
+(stored bytes -> sha256 -> gpg -> decompress -> pg_restore / psql), checks the
+sha256 against the manifest and the row count of every table against the
+counts taken in the backup's snapshot, and only then:
+
+* ``create``: renames the work database to the target (which must not exist);
+* ``replace``: renames the current target aside (``<target>__pre_restore_<time>``,
+  kept as the rollback unless told otherwise), then the work database to the target;
+* ``rehearse``: drops the work database and reports the measured restore time
+  (the RTO the clinic would see today) and the RPO of the chosen set.
+
+Whatever fails, the work database is dropped and the target is untouched.
+
+Without an explicit ``set_id`` the newest complete set is chosen (optionally
+only verified ones, or ones finished before a moment - the ransomware case), and
+a set that turns out damaged is passed over for the next older one, each one
+reported with its reason.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import datetime
+import os
+import posixpath
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+
+from . import pipeline
+from .catalog import list_catalog, load_manifest
+from .errors import BackupError, ConfigError, IntegrityError, SourceError
+from .passphrase import load_passphrase
+from .pgsource import find_pg_bin_dir
+from .repository import check_set_id, isoformat, parse_time, utc_now
+
+MODES = ("create", "replace", "rehearse")
+WORK_SUFFIX = "__restoring_"
+PREVIOUS_SUFFIX = "__pre_restore_"
+NAME_LIMIT = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names silently
+COPY_CHUNK = 1024 * 1024
+
+
+# ---------------------------------------------------------------------- options
+def check_database_name(name, what="target_database"):
+    if not isinstance(name, str) or not name:
+        raise ConfigError("%s must be a non-empty database name" % what)
+    if any(ord(ch) < 32 for ch in name):
+        raise ConfigError(
+            "%s %r contains a control character (newline, tab...)" % (what, name),
+            "name databases with printable characters only",
+        )
+    if len(name.encode("utf-8")) > NAME_LIMIT:
+        raise ConfigError(
+            "%s %r is longer than %d bytes" % (what, name, NAME_LIMIT),
+            "PostgreSQL would truncate it: choose a shorter name",
+        )
+    return name
+
+
+def parse_moment(value, what="not_after"):
+    """A timezone-aware UTC datetime from a datetime or an ISO 8601 string."""
+    if value is None or isinstance(value, datetime.datetime):
+        moment = value
+    else:
+        text = str(value).strip().replace("Z", "+00:00")
+        try:
+            moment = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise ConfigError(
+                "%s %r is not an ISO 8601 time" % (what, value),
+                "e.g. 2026-11-30T08:00:00Z",
+            ) from None
+    if moment is not None and moment.tzinfo is None:
+        raise ConfigError(
+            "%s %r has no time zone" % (what, value), "add Z (UTC) or an offset like +01:00"
+        )
+    return moment.astimezone(datetime.timezone.utc) if moment is not None else None
+
+
+class RestoreOptions(object):
+    """What to restore, where and how; validated on construction (ConfigError)."""
+
+    def __init__(
+        self,
+        target_database=None,
+        mode="create",
+        set_id=None,
+        database=None,
+        require_verified=False,
+        not_after=None,
+        fallback=True,
+        passphrase_file=None,
+        jobs=1,
+        include_globals=False,
+        no_owner=False,
+        owner=None,
+        keep_previous=True,
+        check_row_counts=True,
+        pg_bin_dir=None,
+        scratch_dir=None,
+    ):
+        if mode not in MODES:
+            raise ConfigError(
+                "unknown restore mode %r" % (mode,), "choose create, replace or rehearse"
+            )
+        if set_id is not None:
+            check_set_id(set_id)
+        if mode == "rehearse" and target_database is None:
+            target_database = "%s_restore_test" % (database or "clinic")[:40]
+        self.target_database = check_database_name(target_database)
+        if database is not None:
+            check_database_name(database, "database")
+        if owner is not None:
+            check_database_name(owner, "owner")
+        jobs = int(jobs)
+        if jobs < 1:
+            raise ConfigError("jobs must be at least 1 (got %d)" % jobs)
+        if scratch_dir is not None and not os.path.isabs(scratch_dir):
+            raise ConfigError("scratch_dir %r must be an absolute path" % (scratch_dir,))
+        self.mode = mode
+        self.set_id = set_id
+        self.database = database
+        self.require_verified = bool(require_verified)
+        self.not_after = parse_moment(not_after)
+        self.fallback = bool(fallback) and set_id is None
+        self.passphrase_file = passphrase_file
+        self.jobs = jobs
+        # Roles are server-wide: a rehearsal must not create or alter any.
+        self.include_globals = bool(include_globals) and mode != "rehearse"
+        self.no_owner = bool(no_owner)
+        self.owner = owner
+        self.keep_previous = bool(keep_previous)
+        self.check_row_counts = bool(check_row_counts)
+        self.pg_bin_dir = pg_bin_dir
+        self.scratch_dir = scratch_dir
+
+
+def _short(name, limit):
+    """Cut ``name`` to at most ``limit`` UTF-8 bytes without splitting a character."""
+    data = name.encode("utf-8")[:limit]
+    return data.decode("utf-8", "ignore")
+
+
+def work_database_name(target):
+    suffix = WORK_SUFFIX + os.urandom(3).hex()
+    return _short(target, NAME_LIMIT - len(suffix)) + suffix
+
+
+def previous_database_name(target, moment):
+    suffix = PREVIOUS_SUFFIX + moment.strftime("%Y%m%dT%H%M%SZ")
+    return _short(target, NAME_LIMIT - len(suffix)) + suffix
+
+
+# ---------------------------------------------------------------------- choosing a set
+def candidates(repo, options):
+    """(set ids to try in order, ids passed over and why)."""
+    if options.set_id is not None:
+        return [options.set_id], []
+    chosen, passed = [], []
+    for entry in list_catalog(repo, options.database):
+        if entry["state"] != "complete":
+            passed.append({"set_id": entry["id"], "reason": entry.get("error", "corrupt")})
+            continue
+        if options.require_verified and entry["verification"] != "ok":
+            passed.append(
+                {"set_id": entry["id"], "reason": "verification is %s" % entry["verification"]}
+            )
+            continue
+        if options.not_after is not None and parse_time(entry["finished_at"]) > options.not_after:
+            passed.append(
+                {
+                    "set_id": entry["id"],
+                    "reason": "finished %s, after not_after %s"
+                    % (entry["finished_at"], isoformat(options.not_after)),
+                }
+            )
+            continue
+        chosen.append(entry["id"])
+    if not chosen:
+        what = "no complete%s backup set%s%s in %s" % (
+            " verified" if options.require_verified else "",
+            " of database %r" % options.database if options.database else "",
+            " finished before %s" % isoformat(options.not_after) if options.not_after else "",
+            repo.url,
+        )
+        raise IntegrityError(
+            what,
+            "passed over: %s" % "; ".join("%(set_id)s (%(reason)s)" % p for p in passed)
+            if passed
+            else "run a backup (and backup_verify) first",
+        )
+    return chosen, passed
+
+
+# ---------------------------------------------------------------------- the server side
+class Server(object):
+    """Administrative statements on the target server (autocommit: CREATE/DROP DATABASE)."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.conn = connection.connect()
+        self.conn.autocommit = True
+
+    def close(self):
+        try:
+            self.conn.close()
+        except Exception:  # closing must not hide the real error
+            pass
+
+    def _sql(self):
+        from psycopg2 import sql
+
+        return sql
+
+    def query(self, statement, args=None):
+        cur = self.conn.cursor()
+        cur.execute(statement, args)
+        return cur.fetchall() if cur.description else None
+
+    def execute(self, statement, args=None, what="statement"):
+        import psycopg2
+
+        try:
+            cur = self.conn.cursor()
+            cur.execute(statement, args)
+        except psycopg2.Error as exc:
+            raise SourceError("%s failed: %s" % (what, " ".join(str(exc).split()))) from exc
+
+    def exists(self, name):
+        return bool(self.query("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
+
+    def server_major(self):
+        return self.conn.server_version // 10000
+
+    def check_can_create(self):
+        row = self.query(
+            "SELECT rolsuper OR rolcreatedb FROM pg_roles WHERE rolname = current_user"
+        )
+        if not row or not row[0][0]:
+            raise ConfigError(
+                "role %r may not create databases" % self.connection.params.get("user", "?"),
+                "connect as a role with CREATEDB (or a superuser) to restore",
+            )
+
+    def create(self, name, owner=None):
+        sql = self._sql()
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+        if owner:
+            statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+        self.execute(statement, what="CREATE DATABASE %s" % name)
+
+    def disconnect_all(self, name):
+        self.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+
+    def allow_connections(self, name, allow):
+        sql = self._sql()
+        self.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(name), sql.SQL("true" if allow else "false")
+            ),
+            what="ALTER DATABASE %s ALLOW_CONNECTIONS" % name,
+        )
+
+    def rename(self, old, new):
+        sql = self._sql()
+        statement = sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+            sql.Identifier(old), sql.Identifier(new)
+        )
+        # Sessions that were terminated may take a moment to go away.
+        for attempt in range(50):
+            try:
+                self.execute(statement, what="renaming database %s to %s" % (old, new))
+                return
+            except SourceError as exc:
+                if "being accessed by other users" not in str(exc) or attempt == 49:
+                    raise
+                self.disconnect_all(old)
+                time.sleep(0.1)
+
+    def drop(self, name):
+        sql = self._sql()
+        self.disconnect_all(name)
+        self.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)),
+            what="DROP DATABASE %s" % name,
+        )
+
+
+def _restored_counts(connection, expected):
+    """Row counts in the restored database for the manifest's tables.
+
+    Manifest keys are looked up with to_regclass() as parameters, never pasted
+    into SQL: a manifest is data read back from storage.
+    """
+    from psycopg2 import sql
+
+    conn = connection.connect()
+    try:
+        cur = conn.cursor()
+        counts, missing = {}, []
+        for key in sorted(expected):
+            cur.execute(
+                "SELECT n.nspname, c.relname FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+                (key,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                missing.append(key)
+                continue
+            cur.execute(
+                sql.SQL("SELECT count(*) FROM {}.{}").format(
+                    sql.Identifier(row[0]), sql.Identifier(row[1])
+                )
+            )
+            counts[key] = cur.fetchone()[0]
+        conn.rollback()
+        return counts, missing
+    finally:
+        conn.close()
+
+
+def compare_row_counts(manifest, counts, missing):
+    """Per-table comparison and the list of problems (empty when all match)."""
+    expected = manifest.get("row_counts") or {}
+    options = manifest.get("options") or {}
+    partial = bool(options.get("tables") or options.get("exclude_tables"))
+    table = []
+    problems = []
+    for key in sorted(expected):
+        if key in missing:
+            # A partial dump legitimately lacks the tables it left out.
+            table.append({"table": key, "expected": expected[key], "restored": None})
+            if not partial:
+                problems.append("table %s is missing after the restore" % key)
+            continue
+        table.append({"table": key, "expected": expected[key], "restored": counts[key]})
+        if counts[key] != expected[key]:
+            problems.append(
+                "table %s has %d rows, the backup's snapshot had %d"
+                % (key, counts[key], expected[key])
+            )
+    return table, problems
+
+
+# ---------------------------------------------------------------------- directory archives
+class SafeTarExtractor(object):
+    """Stream consumer that extracts a tar archive into ``root``.
+
+    Only regular files and directories below ``root`` are accepted: an absolute
+    name, a ``..`` component, a link, a device or a FIFO fails the whole restore
+    (IntegrityError naming the member) before anything is written for it. Files
+    are created 0600 with O_EXCL|O_NOFOLLOW, so nothing can be redirected.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.files = 0
+        self.error = None
+        read_fd, write_fd = os.pipe()
+        self._reader = os.fdopen(read_fd, "rb")
+        self._writer = os.fdopen(write_fd, "wb")
+        self._thread = threading.Thread(target=self._run)
+        self._thread.daemon = True
+        self._thread.start()
+
+    def __call__(self, chunk):
+        if self.error is not None:
+            raise self.error
+        try:
+            self._writer.write(chunk)
+        except (BrokenPipeError, OSError):
+            self._thread.join()
+            raise self.error or IntegrityError("the tar extractor stopped early") from None
+
+    def finish(self):
+        try:
+            self._writer.close()
+        except OSError:
+            pass
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self):
+        try:
+            self._writer.close()
+        except OSError:
+            pass
+        self._thread.join(timeout=10)
+
+    def _run(self):
+        try:
+            with tarfile.open(fileobj=self._reader, mode="r|") as archive:
+                for member in archive:
+                    self._extract(archive, member)
+            while self._reader.read(COPY_CHUNK):
+                pass  # the zero blocks after the end marker
+        except IntegrityError as exc:
+            self.error = exc
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            self.error = IntegrityError("the directory archive cannot be extracted: %s" % exc)
+        finally:
+            self._reader.close()
+
+    def _extract(self, archive, member):
+        name = member.name[2:] if member.name.startswith("./") else member.name
+        why = _unsafe_member(name)
+        if why:
+            raise IntegrityError(
+                "tar member %r is unsafe (%s); nothing was restored from this set" % (name, why)
+            )
+        if name in ("", "."):
+            return
+        path = os.path.join(self.root, name)
+        if member.isdir():
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            return
+        if not member.isfile():
+            raise IntegrityError(
+                "tar member %r is not a regular file (type %r); a pg_dump directory holds only "
+                "files" % (name, member.type.decode("ascii", "replace"))
+            )
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        source = archive.extractfile(member)
+        with os.fdopen(os.open(path, flags, 0o600), "wb") as handle:
+            shutil.copyfileobj(source, handle, COPY_CHUNK)
+        self.files += 1
+
+
+def _unsafe_member(name):
+    if name.startswith("/"):
+        return "absolute path"
+    if ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
+        return "parent directory reference"
+    return None
+
+
+# ---------------------------------------------------------------------- streaming one artifact
+def _decode_stages(manifest, gpg_session):
+    stages = []
+    if manifest["encryption"].get("method") != "none":
+        argv, fd = gpg_session.decrypt_stage()
+        stages.append(pipeline.Stage("gpg decryption", argv, pass_fds=(fd,)))
+    decompress = pipeline.decompress_argv(manifest["compression"]["algorithm"])
+    if decompress:
+        stages.append(pipeline.Stage("decompression", decompress))
+    return stages
+
+
+def _stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=None, consumer=None):
+    """Stream one stored artifact through gpg/decompression into ``last_stage``
+    (a process reading stdin) or ``consumer``; check its sha256 at the end."""
+    name = artifact["file"]
+    reader = pipeline.HashingReader(repo.open_artifact(set_id, name))
+    stages = _decode_stages(manifest, gpg_session)
+    if last_stage is not None:
+        stages.append(last_stage)
+    failure = None
+    try:
+        pipeline.run_stream(stages, consumer or (lambda chunk: None), source=reader)
+    except BackupError as exc:
+        failure = exc
+        # A consumer that stopped early (pg_restore on its first error) left bytes
+        # unread: hash them too, so a good set is never blamed for a bad server.
+        for _chunk in reader:
+            pass
+    finally:
+        reader.fileobj.close()
+    intact = reader.sha256 == artifact["sha256"] and reader.size == artifact["size"]
+    if failure is not None:
+        if intact and "Bad session key" in str(failure):
+            raise ConfigError(
+                "the passphrase does not decrypt %s" % repo.location(set_id, name),
+                "use the passphrase this set was encrypted with; the set is intact",
+            )
+        if not intact and reader.size:
+            # Damaged bytes make gpg/zstd/pg_restore fail: name the cause, not the symptom.
+            raise IntegrityError(
+                "%s does not match its manifest (sha256 %s, %d bytes read): %s"
+                % (repo.location(set_id, name), reader.sha256, reader.size, failure)
+            )
+        raise failure
+    if not intact:
+        raise IntegrityError(
+            "%s has sha256 %s (%d bytes), manifest says %s (%d bytes)"
+            % (
+                repo.location(set_id, name),
+                reader.sha256,
+                reader.size,
+                artifact["sha256"],
+                artifact["size"],
+            )
+        )
+    return reader.size
+
+
+def _artifact(manifest, name):
+    for artifact in manifest["artifacts"]:
+        if artifact["name"] == name:
+            return artifact
+    return None
+
+
+def _pg_restore_argv(bin_dir, connection, options, jobs, directory=None):
+    argv = [
+        os.path.join(bin_dir, "pg_restore"),
+        "--no-password",
+        "--exit-on-error",
+        "--dbname=%s" % connection.conninfo_dbname(),
+    ]
+    if options.no_owner:
+        argv.append("--no-owner")
+    if jobs > 1:
+        argv.append("--jobs=%d" % jobs)
+    else:
+        argv.append("--single-transaction")
+    if directory:
+        argv.append(directory)
+    return argv
+
+
+def _psql_argv(bin_dir, connection, stop_on_error=True):
+    argv = [
+        os.path.join(bin_dir, "psql"),
+        "--no-password",
+        "--no-psqlrc",
+        "--quiet",
+        "--dbname=%s" % connection.conninfo_dbname(),
+        "--output=/dev/null",
+    ]
+    if stop_on_error:
+        argv += ["--set=ON_ERROR_STOP=1", "--single-transaction"]
+    return argv
+
+
+def _restore_database(repo, set_id, manifest, work, options, gpg_session, bin_dir, warnings):
+    artifact = _artifact(manifest, "database")
+    env = work.child_env()
+    content = artifact["content"]
+    if content == "pg_dump-custom":
+        if options.jobs > 1:
+            warnings.append(
+                "jobs=%d ignored: a custom-format dump is restored from a stream, and parallel "
+                "pg_restore needs a seekable file (plaintext PHI on disk); use format "
+                "directory for parallel restores" % options.jobs
+            )
+        stage = pipeline.Stage("pg_restore", _pg_restore_argv(bin_dir, work, options, 1), env=env)
+        return _stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=stage)
+    if content == "pg_dump-plain":
+        if options.no_owner:
+            warnings.append("no_owner has no effect on a plain-format dump")
+        stage = pipeline.Stage("psql", _psql_argv(bin_dir, work), env=env)
+        return _stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=stage)
+    if content == "pg_dump-directory-tar":
+        # pg_restore needs the directory on disk: a private scratch directory,
+        # removed whatever happens.
+        scratch = tempfile.mkdtemp(prefix="clinic-restore-", dir=options.scratch_dir)
+        try:
+            os.chmod(scratch, 0o700)
+            extractor = SafeTarExtractor(scratch)
+            try:
+                size = _stream_into(
+                    repo, set_id, artifact, manifest, gpg_session, consumer=extractor
+                )
+                extractor.finish()
+            except BaseException:
+                extractor.abort()
+                raise
+            if not os.path.isfile(os.path.join(scratch, "toc.dat")):
+                raise IntegrityError("the directory archive of %s has no toc.dat" % set_id)
+            stage = pipeline.Stage(
+                "pg_restore",
+                _pg_restore_argv(bin_dir, work, options, options.jobs, directory=scratch),
+                env=env,
+            )
+            pipeline.run_stream([stage], lambda chunk: None)
+            return size
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    raise IntegrityError("set %s holds an unknown database artifact %r" % (set_id, content))
+
+
+def _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir):
+    """Replay roles and tablespaces; roles that exist already are kept as they are."""
+    artifact = _artifact(manifest, "globals")
+    if artifact is None:
+        return {"applied": False, "detail": "the set holds no globals"}
+    stage = pipeline.Stage(
+        "psql (globals)",
+        _psql_argv(bin_dir, server.connection, stop_on_error=False),
+        env=server.connection.child_env(),
+    )
+    _stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=stage)
+    errors = [
+        line.split("ERROR:", 1)[1].strip()
+        for line in stage.stderr_tail().splitlines()
+        if "ERROR:" in line
+    ]
+    return {
+        "applied": True,
+        "already_present": [e for e in errors if "already exists" in e],
+        "errors": [e for e in errors if "already exists" not in e],
+        "role_passwords": bool(artifact.get("role_passwords")),
+    }
+
+
+# ---------------------------------------------------------------------- one attempt
+def _attempt(repo, set_id, server, connection, options, state, bin_dir, now):
+    """Restore one set into a fresh work database (named in ``state["work"]`` before it
+    is created, so a failure can always drop it); returns the result."""
+    manifest = load_manifest(repo, set_id)
+    for artifact in manifest["artifacts"]:
+        if repo.artifact_size(set_id, artifact["file"]) is None:
+            raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
+    encrypted = manifest["encryption"].get("method") != "none"
+    if encrypted and state.get("gpg") is None:
+        if not options.passphrase_file:
+            raise ConfigError(
+                "set %s is encrypted: a passphrase_file is needed to restore it" % set_id,
+                "set passphrase_file to the 0600 file the backups were made with",
+            )
+        state["gpg"] = pipeline.GpgSession(load_passphrase(options.passphrase_file))
+    gpg_session = state.get("gpg")
+    warnings = []
+    result = {"set_id": set_id, "database": manifest["database"], "format": manifest["format"]}
+    if options.include_globals:
+        result["globals"] = _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir)
+    state["work"] = work_database_name(options.target_database)
+    server.create(state["work"], options.owner)
+    work = connection.for_database(state["work"])
+    result["restored_bytes"] = _restore_database(
+        repo, set_id, manifest, work, options, gpg_session, bin_dir, warnings
+    )
+    if options.check_row_counts and manifest.get("row_counts"):
+        counts, missing = _restored_counts(work, manifest["row_counts"])
+        table, problems = compare_row_counts(manifest, counts, missing)
+        result["row_counts"] = table
+        if problems:
+            raise IntegrityError(
+                "the restored database does not match the backup's snapshot: %s"
+                % "; ".join(problems)
+            )
+    elif options.check_row_counts:
+        warnings.append("the manifest of %s records no row counts to compare" % set_id)
+    started = parse_time(manifest["started_at"])
+    result["rpo_seconds"] = round((now - started).total_seconds(), 1)
+    result["backup_started_at"] = manifest["started_at"]
+    result["warnings"] = warnings
+    return result
+
+
+def _finalize(server, options, work_name, now):
+    """Put the verified work database where it belongs; returns what happened."""
+    target = options.target_database
+    if options.mode == "rehearse":
+        server.drop(work_name)
+        return {"changed": False, "dropped": work_name}
+    if options.mode == "create":
+        if server.exists(target):
+            raise ConfigError(
+                "database %r appeared while restoring" % target,
+                "another process created it; choose another target_database",
+            )
+        server.rename(work_name, target)
+        return {"changed": True}
+    previous = None
+    if server.exists(target):
+        previous = previous_database_name(target, now)
+        # Refuse new sessions, end the current ones, then swap names.
+        server.allow_connections(target, False)
+        try:
+            server.disconnect_all(target)
+            server.rename(target, previous)
+        except BaseException:
+            server.allow_connections(target, True)
+            raise
+        server.allow_connections(previous, True)
+    try:
+        server.rename(work_name, target)
+    except BaseException:
+        if previous:
+            server.rename(previous, target)  # put the original back before reporting
+        raise
+    report = {"changed": True, "previous_database": previous}
+    if previous and not options.keep_previous:
+        server.drop(previous)
+        report["previous_database"] = None
+        report["previous_dropped"] = previous
+    return report
+
+
+# ---------------------------------------------------------------------- entry point
+def run_restore(repo, connection, options, check_mode=False, now=None):
+    """Restore (or rehearse restoring) a set; returns a result dict.
+
+    ``connection``: the target server, connected to a maintenance database
+    (``postgres``) as a role that may create databases.
+    """
+    now = now or utc_now()
+    clock = time.time()
+    damaged = []
+    to_try, passed = candidates(repo, options)
+    server = Server(connection)
+    state = {}
+    try:
+        server.check_can_create()
+        target_exists = server.exists(options.target_database)
+        if options.mode == "create" and target_exists:
+            raise ConfigError(
+                "database %r already exists" % options.target_database,
+                "restore into another target_database, or use mode: replace "
+                "(the current database is kept aside as the rollback)",
+            )
+        if options.mode == "rehearse" and target_exists:
+            raise ConfigError(
+                "rehearsal database %r already exists" % options.target_database,
+                "choose another target_database for the restore test or drop the old one",
+            )
+        bin_dir = find_pg_bin_dir(server.server_major(), options.pg_bin_dir)
+        if check_mode:
+            return {
+                "changed": options.mode != "rehearse",
+                "check_mode": True,
+                "set_id": to_try[0],
+                "candidates": to_try,
+                "passed_over": passed,
+                "target_database": options.target_database,
+                "target_exists": target_exists,
+                "mode": options.mode,
+            }
+        for set_id in to_try:
+            state["work"] = None
+            try:
+                result = _attempt(repo, set_id, server, connection, options, state, bin_dir, now)
+                report = _finalize(server, options, state["work"], now)
+            except IntegrityError as exc:
+                # The set is damaged: the next older one may be good.
+                _drop_quietly(server, state["work"])
+                if not options.fallback:
+                    raise
+                damaged.append({"set_id": set_id, "reason": str(exc)})
+                continue
+            except BaseException as exc:
+                # Bad input, the server, the passphrase: an older set would fail the same way.
+                _drop_quietly(server, state["work"])
+                if damaged and isinstance(exc, BackupError):
+                    exc.hint = (
+                        ((exc.hint + "; ") if exc.hint else "")
+                        + "damaged before: "
+                        + ("; ".join("%(set_id)s (%(reason)s)" % s for s in damaged))
+                    )
+                raise
+            result.update(report)
+            result.update(
+                {
+                    "mode": options.mode,
+                    "target_database": options.target_database,
+                    "duration_seconds": round(time.time() - clock, 3),
+                    "damaged": damaged,
+                    "passed_over": passed,
+                    "restored_at": isoformat(now),
+                }
+            )
+            return result
+        raise IntegrityError(
+            "no backup set could be restored into %r" % options.target_database,
+            "tried: %s" % "; ".join("%(set_id)s (%(reason)s)" % s for s in damaged),
+        )
+    finally:
+        if state.get("gpg") is not None:
+            state["gpg"].close()
+        server.close()
+
+
+def _drop_quietly(server, name):
+    if not name:
+        return
+    try:
+        server.drop(name)
+    except Exception:  # the original failure matters more; the name is in the report
+        pass

@@ -1,0 +1,311 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: backup_restore
+short_description: Restore a backup set into PostgreSQL, or rehearse the restore and measure RTO/RPO
+version_added: 0.1.0
+description:
+  - Restores one backup set from a local repository or an S3 prefix into a PostgreSQL server.
+  - The set is streamed (stored bytes, sha256, gpg, decompression, C(pg_restore) or C(psql)) into a new work
+    database; its sha256 is checked against the manifest and the row count of every table against the
+    counts taken in the backup's snapshot. Only then does the work database take the target's name.
+    Whatever fails, the work database is dropped and the target is untouched.
+  - O(mode=create) restores into a database that must not exist yet. O(mode=replace) keeps the current
+    database aside, renamed C(<target>__pre_restore_<time>), as the rollback (see O(keep_previous)).
+    O(mode=rehearse) restores into a scratch database, checks it and drops it: the monthly restore test,
+    with the measured duration (RTO) and the age of the data (RPO) returned.
+  - Without O(set_id) the newest complete set is taken; a set that turns out damaged (missing artifact,
+    sha256 mismatch, rows missing) is passed over for the next older one and reported in RV(damaged).
+  - A wrong passphrase, a server error or bad input stops at once, never falls back to older data.
+author:
+  - Clinic Backup Team (@clinic-backup)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - clinic.backup.connection
+  - clinic.backup.s3
+  - clinic.backup.s3.location
+attributes:
+  check_mode:
+    support: full
+    details: Chooses the set and checks the target and the privileges; creates, renames and drops nothing.
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
+options:
+  repository:
+    description: Local repository directory. Exactly one of O(repository) and O(bucket) is required.
+    type: path
+  set_id:
+    description: The set to restore. By default the newest suitable set (see O(database), O(require_verified), O(not_after)).
+    type: str
+  database:
+    description: Only consider sets of this database when choosing one.
+    type: str
+  target_database:
+    description:
+      - Database to create (O(mode=create)) or replace (O(mode=replace)).
+      - For O(mode=rehearse), the scratch database; by default C(<database>_restore_test).
+    type: str
+  mode:
+    description:
+      - V(create) restores into a new database and fails if O(target_database) exists.
+      - V(replace) swaps the restored database in for the current one, which is kept as the rollback.
+      - V(rehearse) restores into a scratch database, checks it, drops it and reports RTO/RPO.
+    type: str
+    choices: [create, replace, rehearse]
+    default: create
+  maintenance_db:
+    description: Database to connect to for creating, renaming and dropping databases.
+    type: str
+    default: postgres
+  require_verified:
+    description: Only restore sets whose last O(clinic.backup.backup_verify) run passed (the ransomware case).
+    type: bool
+    default: false
+  not_after:
+    description:
+      - Only restore sets that finished at or before this ISO 8601 time with a zone, for example
+        V(2026-11-30T06:00:00Z) (the last moment known to be clean).
+    type: str
+  fallback:
+    description: Without O(set_id), try the next older set when the chosen one is damaged.
+    type: bool
+    default: true
+  passphrase_file:
+    description: File holding the encryption passphrase (mode V(0600) or stricter).
+    type: path
+  jobs:
+    description: Parallel C(pg_restore) jobs (directory-format sets only).
+    type: int
+    default: 1
+  include_globals:
+    description:
+      - Replay the set's roles and tablespaces (C(pg_dumpall --globals-only)) before the database, as on a
+        replacement server. Roles that already exist are left as they are.
+      - Role passwords are not part of the backup unless it was taken as a superuser; set them afterwards.
+      - Ignored with O(mode=rehearse), which never changes server-wide objects.
+    type: bool
+    default: false
+  owner:
+    description: Owner of the created database. By default the connecting role.
+    type: str
+  no_owner:
+    description: Do not restore object ownership (C(pg_restore --no-owner)); every object belongs to the connecting role.
+    type: bool
+    default: false
+  keep_previous:
+    description: With O(mode=replace), keep the replaced database (renamed) instead of dropping it.
+    type: bool
+    default: true
+  check_row_counts:
+    description: Compare the row count of every table with the counts recorded in the manifest; a difference fails the restore.
+    type: bool
+    default: true
+  scratch_dir:
+    description:
+      - Directory for unpacking directory-format sets before C(pg_restore) reads them (a private
+        temporary directory inside it is removed afterwards). By default the system temporary directory.
+    type: path
+requirements:
+  - psycopg2
+  - gpg, zstd/gzip, pg_restore and psql on the host
+notes:
+  - The connecting role needs CREATEDB; O(mode=replace) also needs to own the target database (or be a superuser).
+  - Sessions connected to the target are terminated when it is replaced; stop the application first.
+seealso:
+  - module: clinic.backup.backup_verify
+  - module: clinic.backup.pg_dump
+"""
+
+EXAMPLES = r"""
+- name: Monthly restore test of the newest backup (measures RTO and RPO, drops the scratch database)
+  clinic.backup.backup_restore:
+    repository: /var/backups/clinic/db
+    database: clinic_db
+    mode: rehearse
+    passphrase_file: /root/.backup-passphrase
+    login_user: postgres
+  register: restore_test
+
+- name: Database corruption - put the newest good backup in place, keep the damaged one aside
+  clinic.backup.backup_restore:
+    repository: /var/backups/clinic/db
+    database: clinic_db
+    target_database: clinic_db
+    mode: replace
+    passphrase_file: /root/.backup-passphrase
+    login_user: postgres
+
+- name: Ransomware - newest verified set from before the intrusion, from the offsite bucket
+  clinic.backup.backup_restore:
+    bucket: clinic-backups-offsite
+    prefix: db/clinic-main
+    database: clinic_db
+    target_database: clinic_db
+    require_verified: true
+    not_after: "2026-11-29T22:00:00Z"
+    include_globals: true
+    passphrase_file: /root/.backup-passphrase
+    login_user: postgres
+"""
+
+RETURN = r"""
+set_id:
+  description: The set that was restored (or would be, in check mode).
+  returned: always
+  type: str
+target_database:
+  description: The database restored into.
+  returned: always
+  type: str
+mode:
+  description: The mode used.
+  returned: always
+  type: str
+duration_seconds:
+  description: Wall time from the start of the task until the restored database was checked and in place (the measured RTO).
+  returned: success
+  type: float
+rpo_seconds:
+  description: Age of the restored data, from the backup's snapshot until now (the data an incident now would lose).
+  returned: success
+  type: float
+row_counts:
+  description: Per table, the rows recorded in the manifest and the rows found after the restore.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - table: public.patients
+      expected: 250
+      restored: 250
+damaged:
+  description: Sets tried before the restored one and found damaged, with the reason (newest first).
+  returned: success
+  type: list
+  elements: dict
+passed_over:
+  description: Newer sets not considered, with the reason (corrupt, unverified, too recent).
+  returned: success
+  type: list
+  elements: dict
+previous_database:
+  description: With O(mode=replace), the name the replaced database was given (the rollback), or null.
+  returned: when mode is replace
+  type: str
+globals:
+  description: With O(include_globals), whether roles were replayed and which statements failed.
+  returned: when include_globals is true
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
+from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
+from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
+    AWS_CREDENTIAL_ARGS,
+    CONNECTION_ARGS,
+    S3_LOCATION_ARGS,
+    connection_from_params,
+    error_result,
+    repository_from_params,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.pgsource import (
+    HAS_PSYCOPG2,
+    PSYCOPG2_IMPORT_ERROR,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.restore import (
+    RestoreOptions,
+    run_restore,
+)
+
+OPTION_KEYS = (
+    "target_database",
+    "mode",
+    "set_id",
+    "database",
+    "require_verified",
+    "not_after",
+    "fallback",
+    "passphrase_file",
+    "jobs",
+    "include_globals",
+    "no_owner",
+    "owner",
+    "keep_previous",
+    "check_row_counts",
+    "pg_bin_dir",
+    "scratch_dir",
+)
+
+
+def argument_spec():
+    spec = dict(CONNECTION_ARGS)
+    spec.update(AWS_CREDENTIAL_ARGS)
+    spec.update(S3_LOCATION_ARGS)
+    spec.update(
+        repository=dict(type="path"),
+        set_id=dict(type="str"),
+        database=dict(type="str"),
+        target_database=dict(type="str"),
+        mode=dict(type="str", default="create", choices=["create", "replace", "rehearse"]),
+        maintenance_db=dict(type="str", default="postgres"),
+        require_verified=dict(type="bool", default=False),
+        not_after=dict(type="str"),
+        fallback=dict(type="bool", default=True),
+        passphrase_file=dict(type="path", no_log=False),
+        jobs=dict(type="int", default=1),
+        include_globals=dict(type="bool", default=False),
+        owner=dict(type="str"),
+        no_owner=dict(type="bool", default=False),
+        keep_previous=dict(type="bool", default=True),
+        check_row_counts=dict(type="bool", default=True),
+        scratch_dir=dict(type="path"),
+    )
+    return spec
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=argument_spec(),
+        supports_check_mode=True,
+        required_one_of=[("repository", "bucket")],
+        mutually_exclusive=[("repository", "bucket")],
+        required_if=[
+            ("mode", "create", ("target_database",)),
+            ("mode", "replace", ("target_database",)),
+        ],
+    )
+    params = module.params
+    if not HAS_PSYCOPG2:
+        module.fail_json(msg=missing_required_lib("psycopg2"), exception=str(PSYCOPG2_IMPORT_ERROR))
+    if params["bucket"] and not s3util.HAS_BOTO3:
+        module.fail_json(
+            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
+        )
+    try:
+        options = RestoreOptions(**{key: params[key] for key in OPTION_KEYS})
+        result = run_restore(
+            repository_from_params(params),
+            connection_from_params(params, dbname=params["maintenance_db"]),
+            options,
+            check_mode=module.check_mode,
+        )
+    except BackupError as exc:
+        module.fail_json(**error_result(exc))
+    for warning in result.pop("warnings", []):
+        module.warn(warning)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ from .module_support import (
     local_repository,
     s3_repository,
 )
+from .restore import RestoreOptions, run_restore
 from .verify import verify_set
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
@@ -75,7 +76,24 @@ CONFIG_KEYS = (
     frozenset(BACKUP_OPTION_KEYS)
     | frozenset(CONNECTION_ARGS)
     | frozenset(AWS_CREDENTIAL_ARGS)
-    | frozenset(("repository", "s3_targets", "verify"))
+    | frozenset(("repository", "s3_targets", "verify", "restore_test"))
+)
+# Keys of "restore_test": where and how the rehearsal runs. Connection keys override the
+# backup's (the backup role rarely may create databases).
+RESTORE_TEST_KEYS = frozenset(
+    (
+        "target_database",
+        "maintenance_db",
+        "require_verified",
+        "jobs",
+        "scratch_dir",
+        "login_host",
+        "login_port",
+        "login_user",
+        "login_password",
+        "passfile",
+        "ssl_mode",
+    )
 )
 INT_KEYS = (
     "jobs",
@@ -111,6 +129,16 @@ def check_config(config):
     for target in config.get("s3_targets") or []:
         if not isinstance(target, dict) or not target.get("bucket"):
             raise ConfigError("every entry of s3_targets needs a bucket (got %r)" % (target,))
+    rehearsal = config.get("restore_test")
+    if rehearsal is not None:
+        if not isinstance(rehearsal, dict):
+            raise ConfigError("config key restore_test must be an object (got %r)" % (rehearsal,))
+        unknown = sorted(set(rehearsal) - RESTORE_TEST_KEYS)
+        if unknown:
+            raise ConfigError(
+                "restore_test has unknown key(s): %s" % ", ".join(unknown),
+                "allowed: %s" % ", ".join(sorted(RESTORE_TEST_KEYS)),
+            )
 
 
 def repositories(config, for_writing):
@@ -163,7 +191,36 @@ def cmd_list(config, args):
     return {"sets": sets}
 
 
-COMMANDS = {"backup": cmd_backup, "verify": cmd_verify, "list": cmd_list}
+def cmd_restore_test(config, args):
+    """Rehearse restoring the newest set (or --set-id) and report RTO/RPO."""
+    rehearsal = dict(config.get("restore_test") or {})
+    server = dict(config)
+    server.update({k: v for k, v in rehearsal.items() if k not in ("maintenance_db",)})
+    options = RestoreOptions(
+        mode="rehearse",
+        set_id=args.set_id,
+        database=config.get("database"),
+        target_database=rehearsal.get("target_database"),
+        require_verified=rehearsal.get("require_verified", False),
+        passphrase_file=config.get("passphrase_file"),
+        jobs=rehearsal.get("jobs", 1),
+        scratch_dir=rehearsal.get("scratch_dir"),
+        pg_bin_dir=config.get("pg_bin_dir"),
+    )
+    connection = connection_from_params(
+        server, dbname=rehearsal.get("maintenance_db") or "postgres"
+    )
+    return run_restore(repositories(config, False)[0], connection, options)
+
+
+COMMANDS = {
+    "backup": cmd_backup,
+    "verify": cmd_verify,
+    "list": cmd_list,
+    "restore-test": cmd_restore_test,
+}
+# What each command's metrics file is called (job label).
+METRIC_JOBS = {"backup": "backup", "verify": "verify", "restore-test": "restore_test"}
 
 
 def _terminate(signum, _frame):
@@ -176,7 +233,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="clinic-backup", description="clinic.backup host agent")
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--config", required=True, help="JSON file with the module parameters")
-    parser.add_argument("--set-id", help="set to verify (default: the newest)")
+    parser.add_argument("--set-id", help="set to verify or rehearse (default: the newest)")
     parser.add_argument("--metrics-dir", help="write Prometheus textfile metrics here")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -202,14 +259,15 @@ def main(argv=None):
             "msg": "terminated by signal %d before the %s finished" % (code - 128, args.command)
         }
     result["ok"] = code == EXIT_OK
-    if args.metrics_dir and args.command in ("backup", "verify") and code != EXIT_LOCKED:
+    if args.metrics_dir and args.command in METRIC_JOBS and code != EXIT_LOCKED:
         write_job_metrics(
             args.metrics_dir,
-            args.command,
+            METRIC_JOBS[args.command],
             database,
             code == EXIT_OK,
             duration=time.time() - started,
             size=result.get("size"),
+            rpo=result.get("rpo_seconds") if code == EXIT_OK else None,
         )
     json.dump(result, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")

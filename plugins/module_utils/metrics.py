@@ -37,7 +37,7 @@ def read_previous(path):
     return values
 
 
-def write_job_metrics(directory, job, database, ok, duration=None, size=None, now=None):
+def write_job_metrics(directory, job, database, ok, duration=None, size=None, rpo=None, now=None):
     """Write ``clinic_backup_<job>.<database>.prom``; returns its path."""
     now = time.time() if now is None else now
     path = os.path.join(directory, "clinic_backup_%s.%s.prom" % (job, safe_name(database)))
@@ -61,6 +61,14 @@ def write_job_metrics(directory, job, database, ok, duration=None, size=None, no
         rows.append(("clinic_backup_last_duration_seconds", "Wall time of the last run", duration))
     if size is not None:
         rows.append(("clinic_backup_last_size_bytes", "Stored bytes of the last backup set", size))
+    if rpo is not None:
+        rows.append(
+            (
+                "clinic_backup_restore_test_rpo_seconds",
+                "Age of the data the last successful restore test brought back",
+                rpo,
+            )
+        )
     lines = []
     for name, help_text, value in rows:
         lines.append("# HELP %s %s" % (name, help_text))

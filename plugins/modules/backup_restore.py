@@ -19,8 +19,8 @@ description:
     Whatever fails, the work database is dropped and the target is untouched.
   - O(mode=create) restores into a database that must not exist yet. O(mode=replace) keeps the current
     database aside, renamed C(<target>__pre_restore_<time>), as the rollback (see O(keep_previous)).
-    O(mode=rehearse) restores into a scratch database, checks it and drops it: the monthly restore test,
-    with the measured duration (RTO) and the age of the data (RPO) returned.
+    O(mode=rehearse) restores into a scratch database, checks it and drops it (the monthly restore test),
+    returning the measured duration (RTO) and the age of the data (RPO).
   - Without O(set_id) the newest complete set is taken; a set that turns out damaged (missing artifact,
     sha256 mismatch, rows missing) is passed over for the next older one and reported in RV(damaged).
   - A wrong passphrase, a server error or bad input stops at once, never falls back to older data.

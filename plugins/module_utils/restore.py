@@ -42,6 +42,7 @@ from .errors import BackupError, ConfigError, IntegrityError, SourceError
 from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
 from .repository import check_set_id, isoformat, parse_time, utc_now
+from .verify import FAIL, verify_artifact
 
 MODES = ("create", "replace", "rehearse")
 WORK_SUFFIX = "__restoring_"
@@ -620,6 +621,16 @@ def _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir):
     }
 
 
+def _check_other_artifacts(repo, set_id, manifest, gpg_session, bin_dir):
+    for artifact in manifest["artifacts"]:
+        if artifact["name"] == "database":
+            continue
+        checks = verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir)
+        failed = [c.detail for c in checks if c.status == FAIL]
+        if failed:
+            raise IntegrityError("; ".join(failed))
+
+
 # ---------------------------------------------------------------------- one attempt
 def _attempt(repo, set_id, server, connection, options, state, bin_dir, now):
     """Restore one set into a fresh work database (named in ``state["work"]`` before it
@@ -641,6 +652,9 @@ def _attempt(repo, set_id, server, connection, options, state, bin_dir, now):
     result = {"set_id": set_id, "database": manifest["database"], "format": manifest["format"]}
     if options.include_globals:
         result["globals"] = _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir)
+    else:
+        # Not replayed, but a replacement server would need them: read them through.
+        _check_other_artifacts(repo, set_id, manifest, gpg_session, bin_dir)
     state["work"] = work_database_name(options.target_database)
     server.create(state["work"], options.owner)
     work = connection.for_database(state["work"])

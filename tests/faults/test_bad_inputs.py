@@ -16,6 +16,9 @@ Groups:
   passphrase, correct sha256 in the manifest) holds members escaping the extraction
   directory.
 * wrong passphrase on verify.
+* restore: the malicious directory sets above met by the restore's own extractor
+  (nothing written outside its scratch directory, no database left), and a wrong
+  passphrase (a clear error, no fallback to older data, nothing marked bad).
 
 Negative retention values: not testable, retention is not built yet (listed as TODO in the
 suite's report).
@@ -42,10 +45,15 @@ from testbed.s3 import MotoS3Server
 
 from ansible_collections.clinic.backup.plugins.module_utils import catalog
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
+from ansible_collections.clinic.backup.plugins.module_utils.pgsource import PgConnection
 from ansible_collections.clinic.backup.plugins.module_utils.repository import (
     isoformat,
     new_set_id,
     utc_now,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.restore import (
+    RestoreOptions,
+    run_restore,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.verify import verify_set
 
@@ -799,3 +807,68 @@ def test_wrong_passphrase_on_verify_changes_nothing(
     row.add("sets_lost", chosen is None or chosen["id"] != set_id)
     assert after == before, sorted(set(after.items()) ^ set(before.items()))
     assert chosen is not None and chosen["id"] == set_id
+
+
+# ---------------------------------------------------------------------- restore
+def _databases(pg) -> set[str]:
+    return set(pg.psql("SELECT datname FROM pg_database").split())
+
+
+def _rehearse(pg, repo_dir: Path, passphrase: Path, **extra) -> tuple[str, bool]:
+    """Rehearse a restore on the test cluster; (what it said, whether it succeeded)."""
+    options = RestoreOptions(
+        mode="rehearse",
+        database="clinic_db",
+        target_database="bad_input_%s" % secrets.token_hex(3),
+        passphrase_file=str(passphrase),
+        **extra,
+    )
+    server = PgConnection(host=pg.host, port=pg.port, user=pg.superuser, dbname="postgres")
+    try:
+        result = run_restore(faultlib.local_repository(repo_dir), server, options)
+    except BackupError as exc:
+        return str(exc), False
+    return "restored %s" % result["set_id"], True
+
+
+@pytest.mark.parametrize("name", list(MALICIOUS))
+def test_unsafe_tar_member_is_never_extracted_by_restore(
+    name, pg, tmp_path, passphrase_file, summary_row
+):
+    """Restore unpacks directory sets itself: the member is refused before it is written."""
+    member, _words = MALICIOUS[name]
+    repo_dir = tmp_path / "crafted"
+    repo_dir.mkdir(mode=0o700)
+    set_id, artifact = build_directory_set(repo_dir, passphrase_file, [member])
+    shown = member.name[2:] if member.name.startswith("./") else member.name
+    before_dbs, before_bytes = _databases(pg), artifact.read_bytes()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    text, ok = _rehearse(pg, repo_dir, passphrase_file, set_id=set_id, scratch_dir=str(scratch))
+    clear = not ok and repr(shown) in text and ("unsafe" in text or "not a regular file" in text)
+    row = summary_row("bad input: malicious directory artifact on restore")
+    row.bad_input(clear)
+    row.reported(ok, False)
+    escaped = [p for p in (tmp_path / "evil.sql", tmp_path.parent / "evil.sql") if p.exists()]
+    row.add("leftovers", len(list(scratch.iterdir())) + len(escaped))
+    assert clear, text
+    assert escaped == [] and list(scratch.iterdir()) == []
+    assert _databases(pg) == before_dbs
+    assert artifact.read_bytes() == before_bytes
+
+
+def test_wrong_passphrase_on_restore_fails_clearly_and_changes_nothing(
+    good_repo, pg, tmp_path, passphrase_file, summary_row
+):
+    wrong = write_private(tmp_path / "wrong-passphrase", secrets.token_urlsafe(32).encode() + b"\n")
+    before_tree, before_dbs = faultlib.tree_digest(good_repo), _databases(pg)
+    text, ok = _rehearse(pg, good_repo, wrong)
+    clear = not ok and "passphrase does not decrypt" in text
+    row = summary_row("bad input: wrong passphrase on restore")
+    row.bad_input(clear)
+    row.reported(ok, False)
+    assert clear, text
+    assert faultlib.tree_digest(good_repo) == before_tree
+    assert _databases(pg) == before_dbs
+    # The right passphrase still restores the same set: nothing was marked bad.
+    assert _rehearse(pg, good_repo, passphrase_file)[1]

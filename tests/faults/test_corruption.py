@@ -8,12 +8,18 @@ the manifest, the older set must still verify, and
 
 Randomised damage (bit flips, truncation) is repeated FAULT_REPEAT times at different
 offsets; the deterministic manifest edits run once each.
+
+The same damage is then met by a restore rehearsal with no verify run before it: the
+restore must notice on its own (missing manifest, sha256, missing artifact), pass over
+the damaged set, restore the older one with every row count matching, and leave no
+database behind.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +29,12 @@ import pytest
 from testbed.files import write_passphrase_file
 
 from ansible_collections.clinic.backup.plugins.module_utils import catalog
+from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
+from ansible_collections.clinic.backup.plugins.module_utils.pgsource import PgConnection
+from ansible_collections.clinic.backup.plugins.module_utils.restore import (
+    RestoreOptions,
+    run_restore,
+)
 from ansible_collections.clinic.backup.plugins.module_utils.verify import verify_set
 
 from . import faultlib
@@ -250,3 +262,76 @@ def test_agent_verify_names_the_flipped_artifact(template, collections_path, tmp
     assert (
         path.name in result.msg and "sha256" in result.msg and "failed verification" in result.msg
     )
+
+
+# ---------------------------------------------------------------------- restore picks the good set
+def restore_case(
+    name: str,
+    damage: Callable[..., Any],
+    template: dict[str, Any],
+    tmp_path: Path,
+    row: Any,
+    attempt: int,
+    pg: Any,
+) -> list[str]:
+    """Damage the newer set and rehearse a restore without any verify run before: the
+    restore itself must notice, pass over the damaged set and bring back the older one."""
+    repo_dir = tmp_path / ("restore-repo-%d" % attempt)
+    shutil.copytree(template["repo"], repo_dir, symlinks=True)
+    older, newer = template["older"], template["newer"]
+    words, named = damage(repo_dir, newer, older, random.Random("restore-%s-%d" % (name, attempt)))
+    before = set(pg.psql("SELECT datname FROM pg_database").split())
+    row.run()
+    options = RestoreOptions(
+        mode="rehearse",
+        database=pg.clinic_db,
+        target_database="corruption_%d_%s" % (attempt, secrets.token_hex(3)),
+        passphrase_file=str(template["passphrase"]),
+    )
+    server = PgConnection(host=pg.host, port=pg.port, user=pg.superuser, dbname="postgres")
+    try:
+        result = run_restore(faultlib.local_repository(repo_dir), server, options)
+    except BackupError as exc:
+        row.add("sets_lost", 1)
+        return ["restore failed instead of falling back to %s: %s" % (older, exc)]
+    restored = result["set_id"]
+    row.reported(restored == newer, False)  # "restored" from the damaged set
+    row.add("sets_lost", restored != older)
+    reasons = "; ".join(d["reason"] for d in result["damaged"])
+    passed = [p["set_id"] for p in result["passed_over"]]
+    exists = newer in faultlib.local_repository(repo_dir).set_ids()
+    # A set without its manifest does not exist: there is nothing to name.
+    named_ok = (
+        not exists
+        or newer in passed
+        or ([d["set_id"] for d in result["damaged"]] == [newer] and named in reasons)
+    )
+    row.bad_input(named_ok)
+    problems = []
+    if restored != older:
+        problems.append("restored %s, not the older good set %s" % (restored, older))
+    if not named_ok:
+        problems.append("the damaged set is not reported with its artifact: %s" % result)
+    if not all(r["restored"] == r["expected"] for r in result["row_counts"]):
+        problems.append("row counts differ: %s" % result["row_counts"])
+    after = set(pg.psql("SELECT datname FROM pg_database").split())
+    if after != before:
+        problems.append("databases left behind: %s" % sorted(after ^ before))
+    return problems
+
+
+@pytest.mark.parametrize("name", list(RANDOMISED))
+def test_randomised_damage_makes_restore_fall_back(
+    name, template, tmp_path, fault_repeat, summary_row, pg
+):
+    row = summary_row("corrupted: %s, then restore" % name)
+    for attempt in range(fault_repeat):
+        problems = restore_case(name, RANDOMISED[name], template, tmp_path, row, attempt, pg)
+        assert not problems, "attempt %d: %s" % (attempt, problems)
+
+
+@pytest.mark.parametrize("name", list(DETERMINISTIC))
+def test_manifest_damage_makes_restore_fall_back(name, template, tmp_path, summary_row, pg):
+    row = summary_row("corrupted: %s, then restore" % name)
+    problems = restore_case(name, DETERMINISTIC[name], template, tmp_path, row, 0, pg)
+    assert not problems, problems

@@ -67,7 +67,7 @@ options:
     type: str
     default: postgres
   require_verified:
-    description: Only restore sets whose last O(clinic.backup.backup_verify) run passed (the ransomware case).
+    description: Only restore sets whose last M(clinic.backup.backup_verify) run passed (the ransomware case).
     type: bool
     default: false
   not_after:

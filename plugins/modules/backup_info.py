@@ -1,0 +1,262 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: backup_info
+short_description: List the backup sets of a local repository and/or an S3 prefix
+version_added: 0.1.0
+description:
+  - Read-only catalog of the backup sets in a local O(repository), an S3 location (O(bucket) and
+    O(prefix)), or both at once, newest first.
+  - Every set is listed with its database, format, times, size, encryption and the outcome of its last
+    verification (see M(clinic.backup.backup_verify)). A set whose manifest cannot be read is listed with
+    RV(sets[].state=corrupt) and the error, and a warning names it; it is never RV(newest).
+  - A set held in both places is listed once per place (RV(sets[].repository) tells which).
+  - Never changes anything; reads the same in check mode.
+  - O(sse), O(kms_key_id) and O(storage_class) only matter to modules that upload; they are accepted here so
+    that one set of S3 variables serves every module.
+author:
+  - Clinic Backup Team (@clinic-backup)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - clinic.backup.s3
+  - clinic.backup.s3.location
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
+options:
+  repository:
+    description: Local repository directory (absolute path). At least one of O(repository) and O(bucket) is required.
+    type: path
+  database:
+    description:
+      - Only report sets of this database.
+      - A set with a corrupt manifest is kept when its set id carries this database's name.
+    type: str
+  limit:
+    description:
+      - Return at most this many sets in RV(sets) (the newest ones).
+      - RV(newest) and RV(databases) still consider every set.
+    type: int
+  newest_only:
+    description: Return only the newest complete set in RV(sets) (an empty list when there is none).
+    type: bool
+    default: false
+  require_verified:
+    description:
+      - RV(newest) (and with O(newest_only=true), RV(sets)) is the newest complete set whose last
+        verification passed, not merely the newest complete set.
+    type: bool
+    default: false
+  include_manifest:
+    description: Include each set's full manifest (artifacts, checksums, options, per-table row counts).
+    type: bool
+    default: false
+  max_age_hours:
+    description:
+      - Mark the newest complete set of each database with RV(sets[].stale), true when it finished longer ago
+        than this many hours (RV(newest) and RV(databases) get it too).
+      - Omitted or V(0), no staleness is reported.
+    type: float
+seealso:
+  - module: clinic.backup.backup_verify
+  - module: clinic.backup.s3_transfer
+  - module: clinic.backup.pg_dump
+"""
+
+EXAMPLES = r"""
+- name: Sets in the local repository
+  clinic.backup.backup_info:
+    repository: /var/backups/clinic/db
+  register: catalog
+
+- name: Newest verified clinic_db set, local and offsite, and whether it is older than a day
+  clinic.backup.backup_info:
+    repository: /var/backups/clinic/db
+    bucket: clinic-backups
+    prefix: db/clinic-main
+    database: clinic_db
+    newest_only: true
+    require_verified: true
+    max_age_hours: 25
+  register: verified
+
+- name: Alert when no fresh verified backup exists
+  ansible.builtin.fail:
+    msg: no verified clinic_db backup from the last 25 hours
+  when: verified.newest is none or verified.newest.stale
+"""
+
+RETURN = r"""
+sets:
+  description:
+    - Backup sets, newest first. A corrupt set has only RV(sets[].id), RV(sets[].state),
+      RV(sets[].repository) and RV(sets[].error).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: Set id (starts with the UTC start time).
+      type: str
+      sample: 20261122T010000Z-clinic_db-1a2b3c
+    state:
+      description: V(complete), or V(corrupt) when the manifest could not be read.
+      type: str
+    repository:
+      description: Where this copy of the set is (a directory or an C(s3://) URL).
+      type: str
+    error:
+      description: Why the set is corrupt.
+      type: str
+      returned: when state is corrupt
+    database:
+      description: The database backed up.
+      type: str
+    format:
+      description: pg_dump format (V(custom), V(directory) or V(plain)).
+      type: str
+    started_at:
+      description: UTC start time.
+      type: str
+    finished_at:
+      description: UTC finish time.
+      type: str
+    age_hours:
+      description: Hours since the set finished.
+      type: float
+    size:
+      description: Total size of the artifacts in bytes.
+      type: int
+    encrypted:
+      description: Whether the artifacts are encrypted.
+      type: bool
+    verification:
+      description: Outcome of the last verification (V(ok), V(failed), V(unverified) or V(unknown)).
+      type: str
+    verified_at:
+      description: UTC time of the last verification, or null.
+      type: str
+    row_counts:
+      description: Summary of the per-table row counts in the manifest (V(tables) counted, total V(rows)), or null.
+      type: dict
+      sample: {"tables": 12, "rows": 48210}
+    stale:
+      description: Whether the set finished longer than O(max_age_hours) ago.
+      type: bool
+      returned: with O(max_age_hours), on the newest complete set of each database
+    manifest:
+      description: The full manifest.
+      type: dict
+      returned: when O(include_manifest=true)
+newest:
+  description:
+    - The newest complete set (verified ok with O(require_verified=true)), as in RV(sets), or null when
+      there is none.
+  returned: always
+  type: dict
+databases:
+  description: Per database, the number of complete sets and the newest ones.
+  returned: always
+  type: dict
+  sample:
+    clinic_db:
+      count: 14
+      newest: 20261122T010000Z-clinic_db-1a2b3c
+      newest_verified: 20261121T010000Z-clinic_db-9f8e7d
+      age_hours: 5.2
+      stale: false
+repositories:
+  description: The locations read (a directory and/or an C(s3://) URL).
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
+from ansible_collections.clinic.backup.plugins.module_utils.catalog import list_catalog
+from ansible_collections.clinic.backup.plugins.module_utils.catalog_report import (
+    build_report,
+    check_options,
+    merge_entries,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
+from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
+    AWS_CREDENTIAL_ARGS,
+    S3_LOCATION_ARGS,
+    error_result,
+    local_repository,
+    s3_repository,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.repository import utc_now
+
+
+def argument_spec():
+    spec = dict(AWS_CREDENTIAL_ARGS)
+    spec.update(S3_LOCATION_ARGS)
+    spec.update(
+        repository=dict(type="path"),
+        database=dict(type="str"),
+        limit=dict(type="int"),
+        newest_only=dict(type="bool", default=False),
+        require_verified=dict(type="bool", default=False),
+        include_manifest=dict(type="bool", default=False),
+        max_age_hours=dict(type="float"),
+    )
+    return spec
+
+
+def repositories_from_params(params):
+    repos = []
+    if params["repository"]:
+        repos.append(local_repository(params["repository"]))
+    if params["bucket"]:
+        repos.append(s3_repository(params, params))
+    return repos
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=argument_spec(),
+        supports_check_mode=True,
+        required_one_of=[("repository", "bucket")],
+    )
+    params = module.params
+    if params["bucket"] and not s3util.HAS_BOTO3:
+        module.fail_json(
+            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
+        )
+    try:
+        check_options(params["limit"], params["max_age_hours"])
+        repos = repositories_from_params(params)
+        report = build_report(
+            merge_entries(*(list_catalog(repo) for repo in repos)),
+            utc_now(),
+            database=params["database"],
+            limit=params["limit"],
+            newest_only=params["newest_only"],
+            require_verified=params["require_verified"],
+            include_manifest=params["include_manifest"],
+            max_age_hours=params["max_age_hours"],
+        )
+    except BackupError as exc:
+        module.fail_json(**error_result(exc))
+    for warning in report.pop("warnings"):
+        module.warn(warning)
+    module.exit_json(changed=False, repositories=[repo.url for repo in repos], **report)
+
+
+if __name__ == "__main__":
+    main()

@@ -350,10 +350,47 @@ class LocalRepository(object):
         return removed
 
     def delete_set(self, set_id):
-        path = os.path.join(self.path, SETS, check_set_id(set_id))
-        # Drop the manifest first: a half-deleted set must not look complete.
-        _unlink_quietly(os.path.join(path, MANIFEST))
-        shutil.rmtree(path, ignore_errors=True)
+        """Delete a set so that no crash can leave it half-deleted but listed.
+
+        The set directory is first renamed into .staging (one atomic step, made
+        durable with a directory fsync), then removed.  A run killed in between
+        leaves a leftover under .staging that no listing sees and that the next
+        cleanup_incomplete() removes.  Deleting a set that is gone is a no-op.
+        """
+        sets = os.path.join(self.path, SETS)
+        path = os.path.join(sets, check_set_id(set_id))
+        if not os.path.lexists(path):
+            return
+        staging = os.path.join(self.path, STAGING)
+        trash = os.path.join(staging, set_id + ".deleting")
+        try:
+            os.makedirs(staging, mode=0o700, exist_ok=True)
+            if os.path.lexists(trash):
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(path, trash)
+        except OSError as exc:
+            if not os.path.lexists(path):
+                return  # deleted by someone else meanwhile
+            if exc.errno != errno.EXDEV:
+                raise _store_error("delete backup set", path, exc) from exc
+            # .staging on another filesystem: drop the manifest first, so that a
+            # half-deleted set never looks complete.
+            trash = path
+            try:
+                try:
+                    os.unlink(os.path.join(path, MANIFEST))
+                except FileNotFoundError:
+                    pass
+                fsync_dir(path)
+            except OSError as inner:
+                raise _store_error("delete backup set", path, inner) from inner
+        else:
+            try:
+                fsync_dir(sets)
+                fsync_dir(staging)
+            except OSError as exc:
+                raise _store_error("delete backup set", path, exc) from exc
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 class S3SetWriter(object):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 
 import pytest
 
-from ansible_collections.clinic.backup.plugins.module_utils import catalog
+from ansible_collections.clinic.backup.plugins.module_utils import catalog, repository
 from ansible_collections.clinic.backup.plugins.module_utils.errors import (
     ConfigError,
     IntegrityError,
@@ -143,3 +145,78 @@ def test_atomic_write_leaves_no_temp_file(tmp_path):
     target = tmp_path / "file.json"
     atomic_write(str(target), b"{}")
     assert target.read_bytes() == b"{}" and os.listdir(tmp_path) == ["file.json"]
+
+
+def test_delete_set_removes_it_and_leaves_no_trace(tmp_path):
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    keep, drop = "20261120T010000Z-clinic_db-aaaaaa", "20261121T010000Z-clinic_db-bbbbbb"
+    write_set(repo, keep)
+    write_set(repo, drop)
+    repo.delete_set(drop)
+    assert repo.set_ids() == [keep]
+    assert sorted(os.listdir(tmp_path / "repo" / "sets")) == [keep]
+    assert os.listdir(tmp_path / "repo" / ".staging") == []
+    repo.delete_set(drop)  # already gone: a no-op
+    assert repo.set_ids() == [keep]
+
+
+def test_delete_set_interrupted_after_the_move_leaves_nothing_that_looks_complete(
+    tmp_path, monkeypatch
+):
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    set_id = "20261121T010000Z-clinic_db-bbbbbb"
+    write_set(repo, set_id)
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt("killed mid-delete")
+
+    monkeypatch.setattr(repository.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        repo.delete_set(set_id)
+    monkeypatch.undo()
+    assert repo.set_ids() == [] and catalog.list_catalog(repo) == []
+    assert not os.path.exists(tmp_path / "repo" / "sets" / set_id)
+    # The leftover is staging debris, removed by the next cleanup.
+    assert os.listdir(tmp_path / "repo" / ".staging") == [set_id + ".deleting"]
+    repo.cleanup_incomplete()
+    assert os.listdir(tmp_path / "repo" / ".staging") == []
+
+
+def test_delete_set_that_cannot_be_moved_fails_clearly_and_stays_complete(tmp_path, monkeypatch):
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    set_id = "20261121T010000Z-clinic_db-bbbbbb"
+    write_set(repo, set_id)
+
+    def denied(src, dst):
+        raise OSError(errno.EACCES, "Permission denied", src)
+
+    monkeypatch.setattr(repository.os, "rename", denied)
+    with pytest.raises(StoreError, match="cannot delete backup set") as info:
+        repo.delete_set(set_id)
+    monkeypatch.undo()
+    assert "permissions" in info.value.hint
+    assert repo.set_ids() == [set_id]
+    assert catalog.newest_complete(repo)["id"] == set_id
+
+
+def test_delete_set_across_filesystems_drops_the_manifest_first(tmp_path, monkeypatch):
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    set_id = "20261121T010000Z-clinic_db-bbbbbb"
+    write_set(repo, set_id)
+    seen = []
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", src)
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, ignore_errors=False):
+        seen.append(os.listdir(path))
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(repository.os, "rename", cross_device)
+    monkeypatch.setattr(repository.shutil, "rmtree", rmtree)
+    repo.delete_set(set_id)
+    monkeypatch.undo()
+    assert seen == [["db.dump"]]  # no manifest left by the time the rest goes
+    assert repo.set_ids() == [] and not os.path.exists(tmp_path / "repo" / "sets" / set_id)

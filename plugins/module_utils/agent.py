@@ -5,10 +5,15 @@
 
     python3 -m ansible_collections.clinic.backup.plugins.module_utils.agent backup --config FILE
 
+Commands: backup, verify, list, restore-test (a rehearsal of the newest set),
+retention (prune by the config's "retention" policy).
+
 The config file is JSON whose keys are the modules' parameters (the role
 renders it from the same variables), so there is one vocabulary and one
-implementation.  Output is one JSON document on stdout; exit codes:
-0 success, 1 failure, 2 bad configuration, 75 another run holds the lock.
+implementation; "audit_log" names the audit log every command but list appends
+to. Output is one JSON document on stdout; exit codes: 0 success, 1 failure
+(including an operation the audit log could not record), 2 bad configuration,
+75 another run holds the lock.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -28,12 +33,15 @@ from .metrics import write_job_metrics
 from .module_support import (
     AWS_CREDENTIAL_ARGS,
     CONNECTION_ARGS,
+    audit_record,
     connection_from_params,
     error_result,
     local_repository,
+    repository_names,
     s3_repository,
 )
 from .restore import RestoreOptions, run_restore
+from .retention import RetentionPolicy, apply_retention, lock_paths_for
 from .verify import verify_set
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
@@ -76,8 +84,16 @@ CONFIG_KEYS = (
     frozenset(BACKUP_OPTION_KEYS)
     | frozenset(CONNECTION_ARGS)
     | frozenset(AWS_CREDENTIAL_ARGS)
-    | frozenset(("repository", "s3_targets", "verify", "restore_test"))
+    | frozenset(("repository", "s3_targets", "verify", "restore_test", "retention", "audit_log"))
 )
+# Keys of "retention" (the backup_retention module's option names) -> RetentionPolicy's.
+RETENTION_KEYS = {
+    "keep_daily": "daily",
+    "keep_weekly": "weekly",
+    "keep_monthly": "monthly",
+    "keep_yearly": "yearly",
+    "min_keep": "min_keep",
+}
 # Keys of "restore_test": where and how the rehearsal runs. Connection keys override the
 # backup's (the backup role rarely may create databases).
 RESTORE_TEST_KEYS = frozenset(
@@ -129,6 +145,15 @@ def check_config(config):
     for target in config.get("s3_targets") or []:
         if not isinstance(target, dict) or not target.get("bucket"):
             raise ConfigError("every entry of s3_targets needs a bucket (got %r)" % (target,))
+    policy = config.get("retention")
+    if policy is not None and not isinstance(policy, dict):
+        raise ConfigError("config key retention must be an object (got %r)" % (policy,))
+    unknown = sorted(set(policy or {}) - set(RETENTION_KEYS))
+    if unknown:
+        raise ConfigError(
+            "retention has unknown key(s): %s" % ", ".join(unknown),
+            "allowed: %s" % ", ".join(RETENTION_KEYS),
+        )
     rehearsal = config.get("restore_test")
     if rehearsal is not None:
         if not isinstance(rehearsal, dict):
@@ -191,6 +216,26 @@ def cmd_list(config, args):
     return {"sets": sets}
 
 
+def cmd_retention(config, args):
+    """Prune every repository of the config by its retention policy (defaults: the seed's)."""
+    keys = config.get("retention") or {}
+    policy = RetentionPolicy(**{RETENTION_KEYS[k]: v for k, v in keys.items()})
+    repos = repositories(config, False)
+    lock_paths = lock_paths_for(repos)
+    results = [
+        apply_retention(repo, policy, database=config.get("database"), lock_paths=lock_paths)
+        for repo in repos
+    ]
+    return {
+        "changed": any(r["changed"] for r in results),
+        "deleted": [i for r in results for i in r["deleted"]],
+        "repositories": [
+            {k: r[k] for k in ("repository", "kept", "deleted", "corrupt", "warnings")}
+            for r in results
+        ],
+    }
+
+
 def cmd_restore_test(config, args):
     """Rehearse restoring the newest set (or --set-id) and report RTO/RPO."""
     rehearsal = dict(config.get("restore_test") or {})
@@ -218,9 +263,16 @@ COMMANDS = {
     "verify": cmd_verify,
     "list": cmd_list,
     "restore-test": cmd_restore_test,
+    "retention": cmd_retention,
 }
-# What each command's metrics file is called (job label).
-METRIC_JOBS = {"backup": "backup", "verify": "verify", "restore-test": "restore_test"}
+# What each command's metrics file is called (job label) and its audit action.
+METRIC_JOBS = {
+    "backup": "backup",
+    "verify": "verify",
+    "restore-test": "restore_test",
+    "retention": "retention",
+}
+AUDIT_ACTIONS = METRIC_JOBS
 
 
 def _terminate(signum, _frame):
@@ -239,6 +291,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _terminate)
     started = time.time()
     database = "unknown"
+    config = {}
     try:
         config = load_config(args.config)
         database = config.get("database") or "unknown"
@@ -258,6 +311,19 @@ def main(argv=None):
         result = {
             "msg": "terminated by signal %d before the %s finished" % (code - 128, args.command)
         }
+    if args.command in AUDIT_ACTIONS and code != EXIT_LOCKED:
+        problem = audit_record(
+            config.get("audit_log"),
+            AUDIT_ACTIONS[args.command],
+            code == EXIT_OK,
+            dict(result, database=result.get("database") or database),
+            repository_names(config),
+        )
+        if problem:
+            # An operation nobody can account for is not a success.
+            result.setdefault("warnings", []).append(problem)
+            code = EXIT_FAILED if code == EXIT_OK else code
+            result.setdefault("msg", problem)
     result["ok"] = code == EXIT_OK
     if args.metrics_dir and args.command in METRIC_JOBS and code != EXIT_LOCKED:
         write_job_metrics(

@@ -10,6 +10,8 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 from . import s3 as s3util
+from .audit import AuditLog
+from .errors import BackupError
 from .pgsource import PgConnection
 from .repository import LocalRepository, S3Repository
 
@@ -37,6 +39,8 @@ S3_LOCATION_ARGS = dict(
     kms_key_id=dict(type="str", no_log=False),
     storage_class=dict(type="str"),
 )
+
+AUDIT_ARGS = dict(audit_log=dict(type="path"))
 
 AWS_CREDENTIAL_ARGS = dict(
     aws_profile=dict(type="str", aliases=["profile"]),
@@ -120,3 +124,89 @@ def error_result(exc):
         result.update({k: v for k, v in exc.result.items() if k != "changed"})
         result["changed"] = exc.result.get("changed", False)
     return result
+
+
+# Result keys worth an audit record: what was touched, never option values.
+AUDIT_FIELDS = (
+    "set_id",
+    "database",
+    "target_database",
+    "previous_database",
+    "mode",
+    "deleted",
+    "error_type",
+)
+
+
+def repository_names(params):
+    """Where an operation worked, from module parameters or an agent config (no secrets)."""
+    names = [params["repository"]] if params.get("repository") else []
+    targets = list(params.get("s3_targets") or [])
+    if params.get("bucket"):
+        targets.append(params)
+    for target in targets:
+        if isinstance(target, dict):
+            names.append("s3://%s/%s" % (target.get("bucket"), target.get("prefix") or ""))
+    return names
+
+
+def audit_record(path, action, ok, result, repositories=()):
+    """Append one audit record for a finished operation; None when no log is configured.
+
+    Returns an error text (for the caller to fail with) when the record could not be
+    written, so that an unaudited operation never passes silently.
+    """
+    if not path:
+        return None
+    fields = {key: result[key] for key in AUDIT_FIELDS if result.get(key) not in (None, [], "")}
+    fields["repositories"] = list(repositories)
+    if not ok:
+        fields["detail"] = str(result.get("msg", ""))[:1000]
+    # Bad input (ConfigError) was refused before anything changed; anything else failed.
+    refused = result.get("error_type") == "ConfigError"
+    outcome = "ok" if ok else ("refused" if refused else "failed")
+    try:
+        AuditLog(path).record(action, outcome, **fields)
+    except BackupError as exc:
+        return "the audit record could not be written: %s" % exc
+    return None
+
+
+def fail_audited(module, action, exc):
+    """fail_json for an engine error, recorded in the audit log first.
+
+    ``module``: the AnsibleModule (duck-typed: params, check_mode, fail_json).
+    """
+    failure = error_result(exc)
+    if not module.check_mode:
+        problem = audit_record(
+            module.params.get("audit_log"),
+            action,
+            False,
+            failure,
+            repository_names(module.params),
+        )
+        if problem:
+            failure["msg"] = "%s; also, %s" % (failure["msg"], problem)
+    module.fail_json(**failure)
+
+
+def exit_audited(module, action, result, ok=True, fail_task=False):
+    """End the task, recording the operation in the audit log first.
+
+    ``ok``: the operation's outcome for the log (a verify that found damage is not ok
+    even when the task only warns); ``fail_task``: end with fail_json (``result["msg"]``
+    says why). An operation that could not be recorded fails the task: it did happen,
+    and the result says what.
+    """
+    if not module.check_mode:
+        problem = audit_record(
+            module.params.get("audit_log"), action, ok, result, repository_names(module.params)
+        )
+        if problem:
+            result = dict(result)
+            result["msg"] = "%s; also, %s" % (result["msg"], problem) if fail_task else problem
+            fail_task = True
+    if fail_task:
+        module.fail_json(**result)
+    module.exit_json(**result)

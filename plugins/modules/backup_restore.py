@@ -28,6 +28,7 @@ author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.audit
   - clinic.backup.connection
   - clinic.backup.s3
   - clinic.backup.s3.location
@@ -212,11 +213,13 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
+    AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
     CONNECTION_ARGS,
     S3_LOCATION_ARGS,
     connection_from_params,
-    error_result,
+    exit_audited,
+    fail_audited,
     repository_from_params,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.pgsource import (
@@ -252,6 +255,7 @@ def argument_spec():
     spec = dict(CONNECTION_ARGS)
     spec.update(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
+    spec.update(AUDIT_ARGS)
     spec.update(
         repository=dict(type="path"),
         set_id=dict(type="str"),
@@ -301,10 +305,10 @@ def main():
             check_mode=module.check_mode,
         )
     except BackupError as exc:
-        module.fail_json(**error_result(exc))
+        fail_audited(module, "restore", exc)
     for warning in result.pop("warnings", []):
         module.warn(warning)
-    module.exit_json(**result)
+    exit_audited(module, "restore" if result["mode"] != "rehearse" else "restore_test", result)
 
 
 if __name__ == "__main__":

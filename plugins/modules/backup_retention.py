@@ -32,6 +32,7 @@ author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.audit
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -175,9 +176,11 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
+    AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
     S3_LOCATION_ARGS,
     error_result,
+    exit_audited,
     local_repository,
     s3_repository,
 )
@@ -193,6 +196,7 @@ PER_REPOSITORY = ("repository", "kept", "deleted", "corrupt", "decisions", "inco
 def argument_spec():
     spec = dict(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
+    spec.update(AUDIT_ARGS)
     spec.update(
         repository=dict(type="path"),
         database=dict(type="str"),
@@ -295,14 +299,14 @@ def main():
             partial = combine(results, policy, module.check_mode)
             failure.update({k: v for k, v in partial.items() if k != "changed"})
             failure["changed"] = partial["changed"]
-        module.fail_json(**failure)
+        exit_audited(module, "retention", failure, ok=False, fail_task=True)
     outcome = combine(results, policy, module.check_mode)
     for result in results:
         for warning in result["warnings"]:
             module.warn(warning)
     if module._diff:
         outcome["diff"] = [diff(r) for r in results]
-    module.exit_json(**outcome)
+    exit_audited(module, "retention", outcome)
 
 
 if __name__ == "__main__":

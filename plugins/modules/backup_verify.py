@@ -24,6 +24,7 @@ author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.audit
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -130,9 +131,11 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
+    AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
     S3_LOCATION_ARGS,
-    error_result,
+    exit_audited,
+    fail_audited,
     repository_from_params,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.verify import verify_set
@@ -141,6 +144,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.verify import verify
 def argument_spec():
     spec = dict(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
+    spec.update(AUDIT_ARGS)
     spec.update(
         repository=dict(type="path"),
         set_id=dict(type="str"),
@@ -181,18 +185,19 @@ def main():
             record=params["record"] and not module.check_mode,
         )
     except BackupError as exc:
-        module.fail_json(**error_result(exc))
+        fail_audited(module, "verify", exc)
     for warning in outcome.pop("warnings", []):
         module.warn(warning)
+    fail_task = False
     if not outcome["ok"]:
-        message = "backup set %s failed verification: %s" % (
+        outcome["msg"] = "backup set %s failed verification: %s" % (
             outcome["set_id"],
             "; ".join(outcome["failures"]),
         )
-        if params["on_failure"] == "fail":
-            module.fail_json(msg=message, **outcome)
-        module.warn(message)
-    module.exit_json(changed=False, **outcome)
+        fail_task = params["on_failure"] == "fail"
+        if not fail_task:
+            module.warn(outcome["msg"])
+    exit_audited(module, "verify", dict(outcome, changed=False), outcome["ok"], fail_task)
 
 
 if __name__ == "__main__":

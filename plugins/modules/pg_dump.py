@@ -25,6 +25,7 @@ author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.audit
   - clinic.backup.connection
   - clinic.backup.s3
 attributes:
@@ -244,10 +245,12 @@ from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.backup import BackupOptions, run_backup
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
+    AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
     CONNECTION_ARGS,
     connection_from_params,
-    error_result,
+    exit_audited,
+    fail_audited,
     local_repository,
     s3_repository,
     s3_target_options,
@@ -261,6 +264,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.pgsource import (
 def argument_spec():
     spec = dict(CONNECTION_ARGS)
     spec.update(AWS_CREDENTIAL_ARGS)
+    spec.update(AUDIT_ARGS)
     spec.update(
         format=dict(type="str", default="custom", choices=["custom", "plain", "directory"]),
         jobs=dict(type="int", default=1),
@@ -335,10 +339,10 @@ def main():
             check_mode=module.check_mode,
         )
     except BackupError as exc:
-        module.fail_json(**error_result(exc))
+        fail_audited(module, "backup", exc)
     for warning in result.pop("warnings", []):
         module.warn(warning)
-    module.exit_json(**result)
+    exit_audited(module, "backup", result)
 
 
 if __name__ == "__main__":

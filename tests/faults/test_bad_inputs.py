@@ -20,8 +20,9 @@ Groups:
   (nothing written outside its scratch directory, no database left), and a wrong
   passphrase (a clear error, no fallback to older data, nothing marked bad).
 
-Negative retention values: not testable, retention is not built yet (listed as TODO in the
-suite's report).
+Retention (negative counts, a policy keeping nothing) and restore (an existing target,
+traversal set ids, a name with a newline and a semicolon, a time without a zone, a role
+without CREATEDB) join the module group.
 """
 
 from __future__ import annotations
@@ -369,6 +370,74 @@ def module_cases(
             "s3_transfer",
             dict(remote, mode="download", repository="relative/restore", set_id=some_id),
             ["must be absolute"],
+        ),
+    ]
+    prune = {"repository": str(repo_dir)}
+    zero = {"keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0, "keep_yearly": 0}
+    cases += [
+        ("retention keep_daily -1", "backup_retention", dict(prune, keep_daily=-1), ["keep_daily"]),
+        ("retention min_keep -3", "backup_retention", dict(prune, min_keep=-3), ["min_keep"]),
+        (
+            "retention that would delete every backup",
+            "backup_retention",
+            dict(prune, **zero),
+            ["would delete every backup"],
+        ),
+        (
+            "retention that would delete every backup, min_keep 0",
+            "backup_retention",
+            dict(prune, min_keep=0, **zero),
+            ["would delete every backup"],
+        ),
+        (
+            "retention of a repository outside any set layout",
+            "backup_retention",
+            {"repository": str(tmp_path / "no-such-repository")},
+            ["does not exist"],
+        ),
+    ]
+    restore = {
+        "repository": str(repo_dir),
+        "passphrase_file": str(passphrase_file),
+        "login_host": pg.host,
+        "login_port": pg.port,
+        "login_user": pg.superuser,
+    }
+    cases += [
+        (
+            "restore over an existing database (create)",
+            "backup_restore",
+            dict(restore, target_database=pg.clinic_db),
+            ["already exists", "mode: replace"],
+        ),
+        (
+            "restore set_id ../../etc",
+            "backup_restore",
+            dict(restore, target_database="x_restore", set_id="../../etc"),
+            ["is not a backup set id"],
+        ),
+        (
+            "restore target name with newline and semicolon",
+            "backup_restore",
+            dict(restore, target_database="x;\nDROP DATABASE clinic_db"),
+            ["control character"],
+        ),
+        (
+            "restore not_after without a time zone",
+            "backup_restore",
+            dict(restore, target_database="x_restore", not_after="2026-11-30 08:00"),
+            ["no time zone"],
+        ),
+        (
+            "restore as a role that may not create databases",
+            "backup_restore",
+            dict(
+                restore,
+                target_database="x_restore",
+                login_user=pg.clinic_user,
+                login_password=pg.clinic_password,
+            ),
+            ["may not create databases"],
         ),
     ]
     for name, (settings, words) in credential_variants(auth).items():

@@ -116,17 +116,27 @@ def catalog_entry(repo, set_id):
     }
 
 
+def _order_key(entry):
+    """Newest-first order: the set id's UTC second, then the manifest's start time to the
+    microsecond (two sets started within one second must not be ordered by the random
+    suffix of their ids), then the id."""
+    try:
+        started = entry["started_at"]
+    except KeyError:
+        started = ""  # corrupt: no manifest to read
+    return (entry["id"][:16], started, entry["id"])
+
+
 def list_catalog(repo, database=None, limit=None):
-    """Catalog entries, newest first (set ids start with their UTC start time)."""
+    """Catalog entries, newest first (by start time, then set id)."""
     entries = []
     for set_id in repo.set_ids():
         entry = catalog_entry(repo, set_id)
         if database is not None and entry.get("database", database) != database:
             continue
         entries.append(entry)
-        if limit is not None and len(entries) >= limit:
-            break
-    return entries
+    entries.sort(key=_order_key, reverse=True)
+    return entries[:limit] if limit is not None else entries
 
 
 def newest_complete(repo, database=None, require_verified=False):

@@ -79,6 +79,22 @@ def test_committed_set_is_listed_newest_first(tmp_path):
     assert catalog.newest_complete(repo)["id"] == second
 
 
+def test_sets_started_within_one_second_are_ordered_by_their_start_time(tmp_path):
+    """Set ids resolve seconds only; the random suffix must not decide which is newest."""
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    earlier, later = "20261122T010000Z-clinic_db-ffffff", "20261122T010000Z-clinic_db-000000"
+    for set_id, started in ((earlier, "01:00:00.100000"), (later, "01:00:00.900000")):
+        writer = repo.begin(set_id)
+        sink = writer.sink("db.dump")
+        sink.write(b"data")
+        sink.close()
+        manifest = manifest_for(set_id)
+        manifest["started_at"] = "2026-11-22T%sZ" % started
+        writer.commit(manifest)
+    assert [e["id"] for e in catalog.list_catalog(repo)] == [later, earlier]
+    assert catalog.newest_complete(repo)["id"] == later
+
+
 def test_repository_and_files_are_private(tmp_path):
     repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
     set_id = "20261121T010000Z-clinic_db-bbbbbb"

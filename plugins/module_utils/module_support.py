@@ -12,7 +12,7 @@ __metaclass__ = type
 from . import s3 as s3util
 from .audit import AuditLog
 from .errors import BackupError
-from .pgsource import PgConnection
+from .pgsource import HAS_PSYCOPG2, PSYCOPG2_IMPORT_ERROR, PgConnection
 from .repository import LocalRepository, S3Repository
 
 CONNECTION_ARGS = dict(
@@ -108,11 +108,29 @@ def local_repository(path, must_exist=True):
     return LocalRepository(path, must_exist=must_exist)
 
 
-def repository_from_params(params):
-    """The one repository a module reads: ``repository`` (local) or ``bucket``/``prefix``."""
+def repositories_from_params(params):
+    """The repositories a module reads: ``repository`` (local) and/or ``bucket``/``prefix``."""
+    repos = []
     if params.get("repository"):
-        return local_repository(params["repository"])
-    return s3_repository(params, params)
+        repos.append(local_repository(params["repository"]))
+    if params.get("bucket"):
+        repos.append(s3_repository(params, params))
+    return repos
+
+
+def repository_from_params(params):
+    """The one repository of a module whose options make them mutually exclusive."""
+    return repositories_from_params(params)[0]
+
+
+def missing_library(params, psycopg2=False):
+    """(name, import error) of a Python library this run needs and cannot import, or None:
+    boto3 only when an S3 location is given, psycopg2 when asked for."""
+    if psycopg2 and not HAS_PSYCOPG2:
+        return "psycopg2", PSYCOPG2_IMPORT_ERROR
+    if (params.get("bucket") or params.get("s3_targets")) and not s3util.HAS_BOTO3:
+        return "boto3", s3util.BOTO3_IMPORT_ERROR
+    return None
 
 
 def error_result(exc):

@@ -185,7 +185,6 @@ repositories:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.catalog import list_catalog
 from ansible_collections.clinic.backup.plugins.module_utils.catalog_report import (
     build_report,
@@ -197,8 +196,8 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     AWS_CREDENTIAL_ARGS,
     S3_LOCATION_ARGS,
     error_result,
-    local_repository,
-    s3_repository,
+    missing_library,
+    repositories_from_params,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.repository import utc_now
 
@@ -218,15 +217,6 @@ def argument_spec():
     return spec
 
 
-def repositories_from_params(params):
-    repos = []
-    if params["repository"]:
-        repos.append(local_repository(params["repository"]))
-    if params["bucket"]:
-        repos.append(s3_repository(params, params))
-    return repos
-
-
 def main():
     module = AnsibleModule(
         argument_spec=argument_spec(),
@@ -234,10 +224,9 @@ def main():
         required_one_of=[("repository", "bucket")],
     )
     params = module.params
-    if params["bucket"] and not s3util.HAS_BOTO3:
-        module.fail_json(
-            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
-        )
+    missing = missing_library(params)
+    if missing:
+        module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
     try:
         check_options(params["limit"], params["max_age_hours"])
         repos = repositories_from_params(params)

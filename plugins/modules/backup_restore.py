@@ -210,7 +210,6 @@ globals:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
@@ -220,11 +219,8 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     connection_from_params,
     exit_audited,
     fail_audited,
+    missing_library,
     repository_from_params,
-)
-from ansible_collections.clinic.backup.plugins.module_utils.pgsource import (
-    HAS_PSYCOPG2,
-    PSYCOPG2_IMPORT_ERROR,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.restore import (
     RestoreOptions,
@@ -290,12 +286,9 @@ def main():
         ],
     )
     params = module.params
-    if not HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2"), exception=str(PSYCOPG2_IMPORT_ERROR))
-    if params["bucket"] and not s3util.HAS_BOTO3:
-        module.fail_json(
-            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
-        )
+    missing = missing_library(params, psycopg2=True)
+    if missing:
+        module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
     try:
         options = RestoreOptions(**{key: params[key] for key in OPTION_KEYS})
         result = run_restore(

@@ -173,7 +173,6 @@ repositories:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
@@ -181,8 +180,8 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     S3_LOCATION_ARGS,
     error_result,
     exit_audited,
-    local_repository,
-    s3_repository,
+    missing_library,
+    repositories_from_params,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.retention import (
     RetentionPolicy,
@@ -256,10 +255,9 @@ def main():
         required_one_of=[("repository", "bucket")],
     )
     params = module.params
-    if params["bucket"] and not s3util.HAS_BOTO3:
-        module.fail_json(
-            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
-        )
+    missing = missing_library(params)
+    if missing:
+        module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
     results = []
     policy = None
     try:
@@ -270,11 +268,7 @@ def main():
             yearly=params["keep_yearly"],
             min_keep=params["min_keep"],
         )
-        repositories = []
-        if params["repository"]:
-            repositories.append(local_repository(params["repository"]))
-        if params["bucket"]:
-            repositories.append(s3_repository(params, params))
+        repositories = repositories_from_params(params)
         lock_paths = lock_paths_for(repositories)
         for repo in repositories:
             try:

@@ -128,7 +128,6 @@ failures:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
@@ -136,6 +135,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     S3_LOCATION_ARGS,
     exit_audited,
     fail_audited,
+    missing_library,
     repository_from_params,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.verify import verify_set
@@ -168,10 +168,9 @@ def main():
         mutually_exclusive=[("repository", "bucket")],
     )
     params = module.params
-    if params["bucket"] and not s3util.HAS_BOTO3:
-        module.fail_json(
-            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
-        )
+    missing = missing_library(params)
+    if missing:
+        module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
     try:
         outcome = verify_set(
             repository_from_params(params),

@@ -241,7 +241,6 @@ manifest:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.backup import BackupOptions, run_backup
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
@@ -252,12 +251,9 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     exit_audited,
     fail_audited,
     local_repository,
+    missing_library,
     s3_repository,
     s3_target_options,
-)
-from ansible_collections.clinic.backup.plugins.module_utils.pgsource import (
-    HAS_PSYCOPG2,
-    PSYCOPG2_IMPORT_ERROR,
 )
 
 
@@ -305,12 +301,9 @@ def main():
         mutually_exclusive=[("schema_only", "data_only")],
     )
     params = module.params
-    if not HAS_PSYCOPG2:
-        module.fail_json(msg=missing_required_lib("psycopg2"), exception=str(PSYCOPG2_IMPORT_ERROR))
-    if params["s3_targets"] and not s3util.HAS_BOTO3:
-        module.fail_json(
-            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
-        )
+    missing = missing_library(params, psycopg2=True)
+    if missing:
+        module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
     if not params["encrypt"]:
         module.warn("encrypt=false: this backup stores database contents unencrypted")
     try:

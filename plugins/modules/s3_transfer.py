@@ -100,7 +100,6 @@ sets:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.clinic.backup.plugins.module_utils import s3 as s3util
 from ansible_collections.clinic.backup.plugins.module_utils.catalog import (
     list_catalog,
     newest_complete,
@@ -111,6 +110,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     S3_LOCATION_ARGS,
     error_result,
     local_repository,
+    missing_library,
     s3_repository,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.transfer import copy_set, resolve_set_id
@@ -168,10 +168,9 @@ def main():
         supports_check_mode=True,
         required_if=[("mode", "upload", ("repository",)), ("mode", "download", ("repository",))],
     )
-    if not s3util.HAS_BOTO3:
-        module.fail_json(
-            msg=missing_required_lib("boto3"), exception=str(s3util.BOTO3_IMPORT_ERROR)
-        )
+    missing = missing_library(module.params)
+    if missing:
+        module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
     try:
         remote = s3_repository(module.params, module.params)
         if module.params["mode"] in ("upload", "download"):

@@ -66,7 +66,7 @@ from .errors import ConfigError, StoreError
 from .repository import fsync_dir, isoformat, utc_now
 from .version import TOOL_VERSION
 
-ACTIONS = ("backup", "verify", "restore", "restore_test", "retention", "transfer")
+ACTIONS = ("backup", "verify", "restore", "restore_test", "retention", "transfer", "credentials")
 OUTCOMES = ("ok", "failed", "refused")
 RESERVED = frozenset(
     (

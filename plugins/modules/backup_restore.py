@@ -90,7 +90,8 @@ options:
   include_globals:
     description:
       - Replay the set's roles and tablespaces (C(pg_dumpall --globals-only)) before the database, as on a
-        replacement server. Roles that already exist are left as they are.
+        replacement server. A role that already exists keeps its password; its attributes (LOGIN, CREATEDB...)
+        are set as in the backup.
       - Role passwords are not part of the backup unless it was taken as a superuser; set them afterwards.
       - Ignored with O(mode=rehearse), which never changes server-wide objects.
     type: bool

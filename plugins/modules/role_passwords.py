@@ -15,7 +15,7 @@ description:
   - Gives each listed role its password, as the last step of a restore onto a replacement server
     (backups taken as a non-superuser hold no role passwords) or of a credential rotation after a breach.
   - The password is turned into a SCRAM-SHA-256 verifier on the managed host and only that salted hash is
-    sent (C(ALTER ROLE ... PASSWORD 'SCRAM-SHA-256$...')): the server, its statement log and any
+    sent (C(ALTER ROLE ... PASSWORD 'SCRAM-SHA-256$...')), so the server, its statement log and any
     connection pooler never see the password.
   - When connected as a superuser, a role whose stored verifier already matches its password is left
     alone, so a second run reports no change. Without superuser rights every listed role is set again.

@@ -313,6 +313,12 @@ def local_repository(path: str | os.PathLike[str]) -> LocalRepository:
     return LocalRepository(str(path))
 
 
+def newest_first(ids_in_creation_order: list[str]) -> list[str]:
+    """The catalog's order for sets taken one after the other. Not sorted(ids): two sets
+    started in the same second are ordered by start time, not by their random suffix."""
+    return list(reversed(ids_in_creation_order))
+
+
 def catalog_state(repo: Any) -> dict[str, list[str]]:
     """Ids the catalog lists, split by state (complete / corrupt)."""
     state: dict[str, list[str]] = {"complete": [], "other": []}

@@ -156,6 +156,6 @@ def test_full_repository_fails_clearly_and_keeps_older_sets(
     )
     row.add("recovered", again_ok)
     assert again_ok, again.text()
-    assert faultlib.catalog_state(repo)["complete"] == sorted(
-        [older_id, again.doc["set_id"]], reverse=True
+    assert faultlib.catalog_state(repo)["complete"] == faultlib.newest_first(
+        [older_id, again.doc["set_id"]]
     )

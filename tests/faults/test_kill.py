@@ -251,8 +251,8 @@ def test_sigkill_leaves_no_set_and_next_run_cleans_up(
             mid_run_traces,
         )
         known_good.append(result.doc["set_id"])
-        assert faultlib.catalog_state(repos["local"])["complete"] == sorted(
-            known_good, reverse=True
+        assert faultlib.catalog_state(repos["local"])["complete"] == faultlib.newest_first(
+            known_good
         )
 
 

@@ -66,5 +66,5 @@ def test_second_run_exits_75_while_first_completes(
         assert result.rc == 0, result.text()
         assert ok
         known_good.append(set_id)
-        assert faultlib.catalog_state(repo)["complete"] == sorted(known_good, reverse=True)
+        assert faultlib.catalog_state(repo)["complete"] == faultlib.newest_first(known_good)
         assert faultlib.read_metrics(metrics_dir, faults_db)["clinic_backup_last_status"] == 0.0

@@ -113,7 +113,7 @@ def test_server_stopping_mid_dump_fails_clearly_and_counts_nothing(
 
         assert result.rc == 1, result.text()
         assert clear, result.msg
-        assert state == {"complete": sorted(known_good, reverse=True), "other": []}, state
+        assert state == {"complete": faultlib.newest_first(known_good), "other": []}, state
         assert repo.read_latest("crash_db") == known_good[-1]
         assert left == [], left
         assert metrics["clinic_backup_last_status"] == 1.0, metrics

@@ -19,10 +19,10 @@ VENV="${VENV:-$REPO/.venv}"
 STAMP="$VENV/.requirements.sha256"
 APT_PACKAGES=(
   postgresql postgresql-client gnupg zstd gzip python3-venv python3-dev gcc libpq-dev
-  rsync git make ca-certificates shellcheck
+  rsync git make ca-certificates shellcheck cron
 )
 # Commands those packages provide (pg_ctl is checked separately: it is not on PATH).
-REQUIRED_COMMANDS=(psql pg_dump pg_restore gpg zstd gzip gcc pg_config rsync git make shellcheck)
+REQUIRED_COMMANDS=(psql pg_dump pg_restore gpg zstd gzip gcc pg_config rsync git make shellcheck crontab)
 
 log() { printf 'bootstrap: %s\n' "$*"; }
 die() { printf 'bootstrap: ERROR: %s\n' "$*" >&2; exit 1; }

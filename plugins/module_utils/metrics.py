@@ -42,7 +42,8 @@ def write_job_metrics(directory, job, database, ok, duration=None, size=None, rp
     now = time.time() if now is None else now
     path = os.path.join(directory, "clinic_backup_%s.%s.prom" % (job, safe_name(database)))
     previous = read_previous(path)
-    labels = '{database="%s",job="%s"}' % (_escape(database), _escape(job))
+    # "operation", not "job": Prometheus owns "job" (the scrape job) and would rename ours.
+    labels = '{database="%s",operation="%s"}' % (_escape(database), _escape(job))
     last_success = now if ok else previous.get("clinic_backup_last_success_timestamp_seconds", 0)
     rows = [
         (

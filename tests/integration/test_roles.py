@@ -1,0 +1,350 @@
+"""The backup_agent and backup_monitoring roles, converged on localhost by the real
+``ansible-playbook playbooks/install_agent.yml`` with every path inside a temp dir.
+
+One converge (-vvv) and a second run (must change nothing) are shared by the tests;
+the installed ``clinic-backup`` wrapper then backs up and verifies the test cluster,
+which proves the installed copy is the engine and the rendered config is complete.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from testbed.ansible import REPO_ROOT, PlaybookResult, ansible_env, run_playbook
+
+from tests.integration import helpers
+
+pytestmark = pytest.mark.integration
+
+PLAYBOOK = REPO_ROOT / "playbooks" / "install_agent.yml"
+ENGINE_DIR = REPO_ROOT / "plugins" / "module_utils"
+PACKAGE = Path("lib/ansible_collections/clinic/backup/plugins/module_utils")
+JOBS = ["backup", "verify", "restore-test", "retention"]
+ALERTS = {
+    "ClinicBackupFailed",
+    "ClinicBackupMissing",
+    "ClinicBackupVerifyFailed",
+    "ClinicRestoreTestFailed",
+    "ClinicRestoreTestOverdue",
+    "ClinicRestoreTestRpoHigh",
+}
+
+
+@dataclass
+class Host:
+    """A converged 'host': its root dir, the role variables and both runs."""
+
+    root: Path
+    vars: dict[str, Any]
+    env: dict[str, str]
+    inventory: Path
+    first: PlaybookResult | None = None
+    second: PlaybookResult | None = None
+
+    def path(self, var: str) -> Path:
+        return Path(self.vars[var])
+
+    def config(self, name: str = "clinic_db") -> Path:
+        return self.path("backup_agent_config_dir") / f"{name}.json"
+
+    def play(self, verbosity: int = 0, tags: str = "", **overrides: Any) -> PlaybookResult:
+        extra = dict(self.vars)
+        for key, value in overrides.items():
+            if value is None:
+                extra.pop(key, None)
+            else:
+                extra[key] = value
+        env = dict(self.env, ANSIBLE_RUN_TAGS=tags) if tags else self.env
+        return run_playbook(
+            PLAYBOOK, env, extra_vars=extra, inventory=str(self.inventory), verbosity=verbosity
+        )
+
+
+def role_vars(root: Path, pg, passphrase: str) -> dict[str, Any]:
+    return {
+        "backup_agent_install_packages": False,
+        "backup_agent_python": sys.executable,  # has psycopg2, like python3-psycopg2
+        "backup_agent_install_dir": str(root / "opt/clinic-backup"),
+        "backup_agent_bin_path": str(root / "usr/local/bin/clinic-backup"),
+        "backup_agent_config_dir": str(root / "etc/clinic-backup"),
+        "backup_agent_passphrase_file": str(root / "etc/clinic-backup/passphrase"),
+        "backup_agent_passphrase": passphrase,
+        "backup_agent_repository": str(root / "var/backups/clinic/db"),
+        "backup_agent_metrics_dir": str(root / "var/lib/prometheus/node-exporter"),
+        "backup_agent_log_dir": str(root / "var/log/clinic-backup"),
+        "backup_agent_audit_log": str(root / "var/log/clinic-backup/audit.log"),
+        "backup_agent_cron_file": str(root / "etc/cron.d/clinic-backup"),
+        "backup_agent_restore_test": {"login_user": pg.superuser, "login_password": None},
+        "backup_agent_databases": [
+            {
+                "name": "clinic_db",
+                "database": pg.clinic_db,
+                "login_host": pg.host,
+                "login_port": pg.port,
+                "login_user": pg.clinic_user,
+                "login_password": pg.clinic_password,
+                "verify": {"max_age_hours": 48},
+            }
+        ],
+        "backup_monitoring_textfile_dir": str(root / "var/lib/prometheus/node-exporter"),
+        "backup_monitoring_rules_file": str(root / "etc/prometheus/rules/clinic_backup.rules.yml"),
+    }
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory, collections_path, pg) -> Host:
+    root = tmp_path_factory.mktemp("host")
+    # What a Debian host already has: /usr/local/bin, and /etc/cron.d from the cron package.
+    for directory in ("usr/local/bin", "etc/cron.d"):
+        (root / directory).mkdir(parents=True)
+    # ansible.builtin.cron needs the crontab command even with cron_file (make bootstrap
+    # installs the cron package); it never touches root's crontab here.
+    assert shutil.which("crontab"), "crontab missing: run make bootstrap (it installs cron)"
+    env = ansible_env(collections_path, {"ANSIBLE_PIPELINING": "True"})
+    inventory = root / "inventory.yml"
+    inventory.write_text(
+        yaml.safe_dump(
+            {"clinic_db_servers": {"hosts": {"localhost": {"ansible_connection": "local"}}}}
+        )
+    )
+    variables = role_vars(root, pg, "clinic " + secrets.token_urlsafe(24))
+    base = Host(root, variables, env, inventory)
+    base.first = base.play(verbosity=3)
+    base.second = base.play()
+    return base
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
+    """Every path below root with its mode, uid, mtime and (for files) content."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        data = path.read_bytes() if stat.S_ISREG(info.st_mode) else b""
+        found[str(path.relative_to(root))] = (info.st_mode, info.st_uid, info.st_mtime_ns, data)
+    return found
+
+
+def clean_env() -> dict[str, str]:
+    """The environment cron gives a job: nothing pointing at this checkout or the server."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith(("PG", "ANSIBLE")) or k == "PYTHONPATH")
+    }
+
+
+def test_converges_and_second_run_changes_nothing(host):
+    host.first.assert_ok()
+    assert host.first.stats["localhost"]["changed"] > 0
+    host.second.assert_ok()
+    changed = [r["_task"] for r in host.second.results if r.get("changed")]
+    assert changed == [], host.second.output()
+    assert host.second.stats["localhost"]["changed"] == 0
+    # The validation step really ran the installed agent with each config.
+    check = host.second.result(
+        "clinic.backup.backup_agent : Check every config with the installed agent"
+    )
+    assert check["_status"] == "ok" and check["results"][0]["rc"] == 0
+
+
+def test_no_secret_in_vvv_output(host):
+    run = host.first
+    assert "EXEC" in run.stdout, "-vvv connection debug output missing"
+    places = {
+        "stdout": run.stdout,
+        "stderr": run.stderr,
+        "task results": json.dumps(run.results, default=str),
+    }
+    for secret in (
+        host.vars["backup_agent_passphrase"],
+        host.vars["backup_agent_databases"][0]["login_password"],
+    ):
+        leaks = [where for where, text in places.items() if secret in text]
+        assert leaks == [], "secret in %s" % leaks
+
+
+def test_installed_files_and_modes(host):
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    passphrase = host.path("backup_agent_passphrase_file")
+    assert mode(passphrase) == 0o600
+    assert passphrase.read_text() == host.vars["backup_agent_passphrase"] + "\n"
+    assert mode(host.path("backup_agent_config_dir")) == 0o700
+    assert mode(host.config()) == 0o600
+    assert mode(host.path("backup_agent_repository")) == 0o700
+    assert mode(host.path("backup_agent_bin_path")) == 0o755
+
+    config = json.loads(host.config().read_text())
+    db = host.vars["backup_agent_databases"][0]
+    assert {k: config[k] for k in ("database", "login_host", "login_port", "login_user")} == {
+        k: db[k] for k in ("database", "login_host", "login_port", "login_user")
+    }
+    assert config["passphrase_file"] == str(passphrase)
+    assert config["repository"] == host.vars["backup_agent_repository"]
+    # The entry's verify is merged over the shared one, key by key.
+    assert config["verify"] == {"deep": True, "max_age_hours": 48, "size_tolerance_percent": 50}
+    assert config["restore_test"] == host.vars["backup_agent_restore_test"]
+    assert config["audit_log"] == host.vars["backup_agent_audit_log"]
+    assert config["retention"] == {
+        "keep_daily": 7,
+        "keep_weekly": 4,
+        "keep_monthly": 12,
+        "keep_yearly": 7,
+        "min_keep": 3,
+    }
+    assert "name" not in config
+
+    install_dir = host.path("backup_agent_install_dir")
+    package = install_dir / PACKAGE
+    engine = sorted(p.name for p in ENGINE_DIR.glob("*.py"))
+    assert sorted(p.name for p in package.glob("*.py")) == sorted(engine + ["__init__.py"])
+    assert filecmp.cmpfiles(ENGINE_DIR, package, engine, shallow=False)[0] == engine
+    for level in PACKAGE.parents:
+        if level.name and level.name != "lib":
+            assert (install_dir / level / "__init__.py").is_file(), level
+    for path in [install_dir, *install_dir.rglob("*")]:
+        info = path.lstat()
+        assert info.st_uid == 0 and not info.st_mode & 0o022, "%s is writable by others" % path
+
+
+def test_cron_file_has_every_job(host):
+    lines = host.path("backup_agent_cron_file").read_text().splitlines()
+    entries = {line[len("#Ansible: ") :] for line in lines if line.startswith("#Ansible: ")}
+    assert entries == {"clinic-backup %s clinic_db" % job for job in JOBS}
+    schedules = {
+        "backup": "0 1 * * *",
+        "verify": "0 3 * * 0",
+        "restore-test": "0 4 1 * *",
+        "retention": "0 5 * * *",
+    }
+    for job in JOBS:
+        expected = "%s root %s %s --config %s --metrics-dir %s >> %s/%s.clinic_db.log 2>&1" % (
+            schedules[job],
+            host.vars["backup_agent_bin_path"],
+            job,
+            host.config(),
+            host.vars["backup_agent_metrics_dir"],
+            host.vars["backup_agent_log_dir"],
+            job,
+        )
+        assert expected in lines, "\n".join(lines)
+
+
+def test_installed_agent_runs_every_job(host, pg):
+    """What cron runs, run now: backup, verify, restore test and retention all succeed."""
+    host.first.assert_ok()
+    wrapper = host.vars["backup_agent_bin_path"]
+    metrics = host.path("backup_agent_metrics_dir")
+    outcomes = {}
+    for command in JOBS:
+        proc = subprocess.run(
+            [wrapper, command, "--config", str(host.config()), "--metrics-dir", str(metrics)],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outcomes[command] = json.loads(proc.stdout)
+    set_id = outcomes["backup"]["set_id"]
+    assert helpers.local_sets(host.vars["backup_agent_repository"]) == [set_id]
+    assert outcomes["verify"]["ok"] and outcomes["verify"]["set_id"] == set_id
+    assert outcomes["restore-test"]["set_id"] == set_id
+    assert outcomes["retention"]["deleted"] == []  # the only set is the newest: kept
+    for job in ("backup", "verify", "restore_test", "retention"):
+        text = (metrics / f"clinic_backup_{job}.{pg.clinic_db}.prom").read_text()
+        assert (
+            f'clinic_backup_last_status{{database="{pg.clinic_db}",operation="{job}"}} 0.0' in text
+        )
+    audit_log = Path(host.vars["backup_agent_audit_log"])
+    assert stat.S_IMODE(audit_log.stat().st_mode) == 0o600
+    records = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    assert [(r["action"], r["outcome"]) for r in records] == [
+        ("backup", "ok"),
+        ("verify", "ok"),
+        ("restore_test", "ok"),
+        ("retention", "ok"),
+    ]
+    # The wrapper's interpreter cannot import clinic.backup on its own: what ran is the copy
+    # the role installed (PYTHONPATH set by the wrapper), not this checkout.
+    alone = subprocess.run(
+        [host.vars["backup_agent_python"], "-c", "import ansible_collections.clinic.backup"],
+        env=clean_env(),
+        capture_output=True,
+        check=False,
+    )
+    assert alone.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("passphrase", "message", "fresh"),
+    [
+        ("", "backup_agent_passphrase is empty", True),
+        ("one\ntwo", "exactly one line", False),
+    ],
+    ids=["empty-on-a-new-host", "two-lines-on-an-installed-host"],
+)
+def test_bad_passphrase_is_refused_and_changes_nothing(
+    host, pg, tmp_path, passphrase, message, fresh
+):
+    target = host
+    if fresh:
+        root = tmp_path / "new-host"
+        for directory in ("usr/local/bin", "etc/cron.d"):
+            (root / directory).mkdir(parents=True)
+        target = Host(root, role_vars(root, pg, "unused"), host.env, host.inventory)
+    before = snapshot(target.root)
+    run = target.play(backup_agent_passphrase=passphrase)
+    assert run.rc != 0
+    failed = [r for r in run.results if r["_status"] == "failed"]
+    assert len(failed) == 1 and message in failed[0]["msg"], run.output()
+    if passphrase:
+        assert passphrase not in run.stdout + run.stderr
+    assert snapshot(target.root) == before
+
+
+def test_passphrase_file_is_never_regenerated(host):
+    before = host.path("backup_agent_passphrase_file").read_bytes()
+    # Not given: the file on the host is kept as it is.
+    kept = host.play(tags="backup_agent_configure", backup_agent_passphrase=None)
+    kept.assert_ok()
+    assert kept.stats["localhost"]["changed"] == 0, kept.output()
+    # A different one: refused, since the sets taken so far need the old one.
+    other = host.play(backup_agent_passphrase="another " + secrets.token_urlsafe(16))
+    assert other.rc != 0
+    assert "holds a different passphrase" in other.output()
+    assert host.path("backup_agent_passphrase_file").read_bytes() == before
+
+
+def test_alert_rules_parse_and_name_every_alert(host):
+    rules_file = Path(host.vars["backup_monitoring_rules_file"])
+    assert stat.S_IMODE(rules_file.stat().st_mode) == 0o644
+    doc = yaml.safe_load(rules_file.read_text())
+    rules = {r["alert"]: r for group in doc["groups"] for r in group["rules"]}
+    assert ALERTS <= set(rules)
+    assert (
+        rules["ClinicBackupFailed"]["expr"] == 'clinic_backup_last_status{operation="backup"} == 1'
+    )
+    assert rules["ClinicBackupFailed"]["expr"].endswith("== 1")
+    assert rules["ClinicBackupMissing"]["expr"].endswith("> 90000")  # 25 h
+    assert rules["ClinicRestoreTestOverdue"]["expr"].endswith("> %d" % (35 * 86400))
+    assert "clinic_backup_restore_test_rpo_seconds" in rules["ClinicRestoreTestRpoHigh"]["expr"]
+    for rule in rules.values():
+        assert rule["labels"]["severity"] in ("critical", "warning")
+        assert "summary" in rule["annotations"]
+    assert Path(host.vars["backup_monitoring_textfile_dir"]).is_dir()
+    promtool = shutil.which("promtool")
+    if promtool:
+        subprocess.run([promtool, "check", "rules", str(rules_file)], check=True)

@@ -175,8 +175,11 @@ def test_no_secret_in_vvv_output(host):
         assert leaks == [], "secret in %s" % leaks
 
 
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def test_installed_files_and_modes(host):
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     passphrase = host.path("backup_agent_passphrase_file")
     assert mode(passphrase) == 0o600
     assert passphrase.read_text() == host.vars["backup_agent_passphrase"] + "\n"

@@ -4,12 +4,13 @@ VENV ?= $(CURDIR)/.venv
 PYTHON := $(VENV)/bin/python
 export VENV
 
-.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults sanity galaxy-import bench clean
+.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults sanity galaxy-import bench bench-restore clean
 
 help:
 	@echo "make demo   - back up a local PostgreSQL (throwaway sample cluster unless DATABASE_URL is set)"
 	@echo "make test   - install what is needed (apt + .venv) and run every gate and test"
 	@echo "make bench  - time a backup against bare pg_dump baselines (BENCH_SCALE=...)"
+	@echo "make bench-restore - time the restore rehearsal against bare pg_restore (BENCH_SCALE=...)"
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -47,6 +48,9 @@ galaxy-import: bootstrap
 
 bench: bootstrap
 	$(PYTHON) bench/bench_backup.py
+
+bench-restore: bootstrap
+	$(PYTHON) bench/bench_restore.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache tests/output

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -667,20 +667,32 @@ def print_table(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", maxsplit=1)[0])
+def parse_bench_args(
+    argv: list[str] | None,
+    description: str,
+    default_scale: float,
+    repeat: int,
+    default_modes: Sequence[str],
+    base_modes: Iterable[str],
+    baselines: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The command line both benchmarks share (scale, rounds, modes, engine checkouts)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--scale",
         type=float,
-        default=float(os.environ.get("BENCH_SCALE", DEFAULT_SCALE)),
+        default=float(os.environ.get("BENCH_SCALE", default_scale)),
         help="dataset scale, ~26 MB of database per unit (default %(default)s; env BENCH_SCALE)",
     )
-    parser.add_argument("--repeat", type=int, default=3, help="timed rounds; the median is kept")
+    parser.add_argument(
+        "--repeat", type=int, default=repeat, help="timed rounds; the median is kept"
+    )
     parser.add_argument("--json", metavar="FILE", help="write every sample and summary here")
     parser.add_argument(
         "--modes",
-        default=",".join(DEFAULT_MODES),
-        help=f"comma-separated, from {','.join(BASE_MODES)} (A and B always run)",
+        default=",".join(default_modes),
+        help=f"comma-separated, from {','.join(base_modes)} ({baselines} always run)",
     )
     parser.add_argument(
         "--engine-root", default=str(REPO_ROOT), help="collection checkout to benchmark"
@@ -690,16 +702,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="a second checkout (e.g. a patched copy); its engine modes run interleaved as '@alt'",
     )
-    parser.add_argument(
-        "--no-small", action="store_true", help="skip the small database (RSS flatness check)"
-    )
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.scale <= 0:
         parser.error("--repeat must be >= 1 and --scale > 0")
-    unknown = set(args.modes.split(",")) - set(BASE_MODES)
+    unknown = set(args.modes.split(",")) - set(base_modes)
     if unknown:
         parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
-    modes = build_modes(args.modes.split(","), bool(args.alt_engine_root))
+    return args
+
+
+def start_report(args: argparse.Namespace, goals: dict[str, float]) -> dict[str, Any]:
+    """The report's header, printed: host, load (a busy host is warned about), goals."""
     report: dict[str, Any] = {
         "command": [sys.executable, *sys.argv],
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -707,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_root": str(Path(args.engine_root).resolve()),
         "alt_engine_root": args.alt_engine_root,
         "repeat": args.repeat,
-        "goals": {"t_vs_a": GOAL_T_VS_A, "t_vs_b": GOAL_T_VS_B, "rss_mb": GOAL_RSS_MB},
+        "goals": goals,
     }
     load = report["load_before"]
     print(
@@ -716,6 +731,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     if load["loadavg_1m"] > 0.5 * (os.cpu_count() or 1):
         print("warning: the host is busy; wall times will be noisy (CPU seconds less so)")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_bench_args(
+        argv,
+        (__doc__ or "").split("\n\n", maxsplit=1)[0],
+        DEFAULT_SCALE,
+        3,
+        DEFAULT_MODES,
+        BASE_MODES,
+        "A and B",
+        extra=lambda parser: parser.add_argument(
+            "--no-small", action="store_true", help="skip the small database (RSS flatness check)"
+        ),
+    )
+    modes = build_modes(args.modes.split(","), bool(args.alt_engine_root))
+    report = start_report(
+        args, {"t_vs_a": GOAL_T_VS_A, "t_vs_b": GOAL_T_VS_B, "rss_mb": GOAL_RSS_MB}
+    )
     work = Path(tempfile.mkdtemp(prefix="clinic-bench-"))
     bench = Bench(args, work)
     started = time.monotonic()

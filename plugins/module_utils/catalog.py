@@ -59,7 +59,20 @@ def validate_manifest(data, set_id):
         ):
             raise IntegrityError("manifest of %s has a malformed artifact entry" % set_id)
         check_file_name(artifact["file"])
-    if [a["name"] for a in data["artifacts"]].count("database") != 1:
+    names = [a["name"] for a in data["artifacts"]]
+    kind = data.get("kind", "database")  # database manifests carry no kind
+    if kind == "files":
+        # A file set is one tar archive of files; it never holds a database dump.
+        if names != ["files"]:
+            raise IntegrityError(
+                "manifest of %s (a file set) does not list exactly one files artifact" % set_id,
+                "the manifest was truncated or tampered with: use another set",
+            )
+    elif kind != "database":
+        raise IntegrityError(
+            "manifest of %s is of unknown kind %r" % (set_id, kind), "upgrade clinic.backup"
+        )
+    elif names.count("database") != 1:
         # Every set has exactly one database dump; a set without it restores nothing.
         raise IntegrityError(
             "manifest of %s does not list exactly one database artifact" % set_id,

@@ -28,6 +28,7 @@ from .repository import isoformat, parse_time, utc_now
 OK, WARN, FAIL = "ok", "warn", "fail"
 PLAIN_TRAILER = b"PostgreSQL database dump complete"
 GLOBALS_TRAILER = b"PostgreSQL database cluster dump complete"
+FILES_CONTENT = "files-tar"  # a file set's archive (files.py)
 
 
 class Check(object):
@@ -71,7 +72,7 @@ def _content_reader(content, bin_dir):
     """argv of the program that parses the decrypted, decompressed artifact, or None."""
     if content == "pg_dump-custom":
         return [os.path.join(bin_dir, "pg_restore"), "--list"]
-    if content == "pg_dump-directory-tar":
+    if content in ("pg_dump-directory-tar", FILES_CONTENT):
         # --numeric-owner: owner names may contain spaces, which would shift the
         # whitespace-split fields of each line and hide the member name from the checks.
         return [pipeline.which_or_fail("tar", "tar"), "--numeric-owner", "-tvf", "-"]
@@ -88,6 +89,9 @@ class ParserConsumer(object):
         self.size = 0
         self.entries = 0
         self.names = []
+        self.links = []  # files-tar: (name, "target" as listed)
+        self.odd = []  # files-tar: (name, type letter) of members a file restore refuses
+        self.regular = 0
         self.head = ""
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
@@ -137,15 +141,69 @@ class ParserConsumer(object):
             return
         # tar -tv: the name is the last field; "x -> y" marks a link.
         fields = line.split(None, 5)
+        if len(fields) == 6 and self.content == FILES_CONTENT:
+            self._file_member(line[:1], fields[5])
+            return
         if len(fields) == 6:
             name = fields[5].split(" -> ")[0]
             self.names.append(name[2:] if name.startswith("./") else name)
             if line[:1] in ("l", "h"):
                 self.names.append("/" + name)  # links are never part of a pg_dump directory
 
+    def _file_member(self, kind, text):
+        """One member of a file set: links may point anywhere inside the archive."""
+        if kind == "l":
+            # "name -> target": either side may itself hold " -> "; check both readings.
+            first, second = text.split(" -> ", 1), text.rsplit(" -> ", 1)
+            self.names.append(first[0] if len(first) == 2 else text)
+            self.links.extend(tuple(reading) for reading in (first, second) if len(reading) == 2)
+            return
+        if kind == "h":
+            text = text.split(" link to ", 1)[0]
+        if kind not in ("-", "d"):
+            self.odd.append((text, kind))
+        self.regular += kind == "-"
+        self.names.append(text)
 
-def _check_content(content, consumer):
+
+def unsafe_link(name, target):
+    """Why a link member ``name -> target`` would point outside its archive, or None."""
+    if not target or target.startswith("/"):
+        return "absolute link target %r" % target
+    parts = posixpath.normpath(posixpath.join(posixpath.dirname(name), target)).split("/")
+    if parts[0] == "..":
+        return "link target %r leads outside the archive" % target
+    return None
+
+
+def _check_files(consumer, expected):
+    """Judge a file set's listing (``expected``: the manifest's ``files`` record)."""
+    for name in consumer.names:
+        why = unsafe_tar_member(name)
+        if why:
+            return FAIL, "tar member %r is unsafe (%s)" % (name, why)
+    for name, target in consumer.links:
+        why = unsafe_link(name, target)
+        if why:
+            return FAIL, "tar member %r is unsafe (%s)" % (name, why)
+    for name, kind in consumer.odd:
+        return FAIL, (
+            "tar member %r is unsafe (type %r: a file set holds only files, directories and "
+            "symbolic links)" % (name, kind)
+        )
+    count = expected.get("count") if isinstance(expected, dict) else None
+    if count is not None and consumer.regular != count:
+        return FAIL, "tar archive lists %d files, the manifest records %s" % (
+            consumer.regular,
+            count,
+        )
+    return OK, "tar archive lists %d members (%d files)" % (len(consumer.names), consumer.regular)
+
+
+def _check_content(content, consumer, expected_files=None):
     """Judge what the parser saw; return (status, detail)."""
+    if content == FILES_CONTENT:
+        return _check_files(consumer, expected_files)
     if content == "pg_dump-custom":
         if "; Archive created at" not in consumer.head:
             return FAIL, "pg_restore --list printed no table of contents"
@@ -242,7 +300,7 @@ def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep
                 )
             )
         else:
-            status, detail = _check_content(artifact["content"], consumer)
+            status, detail = _check_content(artifact["content"], consumer, manifest.get("files"))
             checks.append(Check("readable", status, "%s: %s" % (name, detail), name))
     return checks
 
@@ -254,10 +312,12 @@ def _median(values):
 
 
 def size_check(repo, manifest, tolerance_percent, history=7):
-    """Compare the database artifact with the median of recent sets of the same kind."""
+    """Compare the database artifact (a file set's archive) with the median of recent sets
+    of the same kind."""
+    main = "files" if manifest.get("kind") == "files" else "database"
 
     def db_size(m):
-        return sum(a["size"] for a in m["artifacts"] if a["name"] == "database")
+        return sum(a["size"] for a in m["artifacts"] if a["name"] == main)
 
     previous = []
     for entry in list_catalog(repo, manifest["database"]):
@@ -276,7 +336,8 @@ def size_check(repo, manifest, tolerance_percent, history=7):
     size = db_size(manifest)
     ratio = size / median if median else float("inf")
     limit = 1.0 + tolerance_percent / 100.0
-    detail = "database artifact is %d bytes, %.2fx the median (%d) of the previous %d sets" % (
+    detail = "%s artifact is %d bytes, %.2fx the median (%d) of the previous %d sets" % (
+        main,
         size,
         ratio,
         median,
@@ -333,7 +394,9 @@ def verify_set(
             )
         gpg_session = pipeline.GpgSession(load_passphrase(passphrase_file))
     try:
-        bin_dir = find_pg_bin_dir(None, pg_bin_dir) if deep else None
+        # A file set needs tar, not PostgreSQL's tools (a web host may have none).
+        needs_pg = deep and manifest.get("kind") != "files"
+        bin_dir = find_pg_bin_dir(None, pg_bin_dir) if needs_pg else None
         for artifact in manifest["artifacts"]:
             checks.extend(
                 verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep)

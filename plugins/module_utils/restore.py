@@ -28,6 +28,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import datetime
+import errno
 import os
 import posixpath
 import shutil
@@ -38,7 +39,7 @@ import time
 
 from . import pipeline
 from .catalog import list_catalog, load_manifest
-from .errors import BackupError, ConfigError, IntegrityError, SourceError
+from .errors import BackupError, ConfigError, IntegrityError, SourceError, StoreError
 from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
 from .repository import check_set_id, isoformat, parse_time, utc_now
@@ -49,6 +50,7 @@ WORK_SUFFIX = "__restoring_"
 PREVIOUS_SUFFIX = "__pre_restore_"
 NAME_LIMIT = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names silently
 COPY_CHUNK = 1024 * 1024
+LOCAL_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
 # ---------------------------------------------------------------------- options
@@ -169,6 +171,8 @@ def candidates(repo, options):
         return [options.set_id], []
     chosen, passed = [], []
     for entry in list_catalog(repo, options.database):
+        if entry.get("manifest", {}).get("kind") == "files":
+            continue  # uploads/config sets: files_restore's, not a database's
         if entry["state"] != "complete":
             passed.append({"set_id": entry["id"], "reason": entry.get("error", "corrupt")})
             continue
@@ -413,7 +417,16 @@ class SafeTarExtractor(object):
                 pass  # the zero blocks after the end marker
         except IntegrityError as exc:
             self.error = exc
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except OSError as exc:
+            if exc.errno in LOCAL_STORAGE_ERRNOS:
+                # The scratch disk, not the set: an older set would fail the same way.
+                self.error = StoreError(
+                    "cannot unpack into %s: %s" % (self.root, exc.strerror),
+                    "free space in scratch_dir or point it at a larger filesystem",
+                )
+            else:
+                self.error = IntegrityError("the directory archive cannot be extracted: %s" % exc)
+        except (tarfile.TarError, EOFError) as exc:
             self.error = IntegrityError("the directory archive cannot be extracted: %s" % exc)
         finally:
             self._reader.close()

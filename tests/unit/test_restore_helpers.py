@@ -179,3 +179,21 @@ def test_extractor_reports_a_truncated_archive(tmp_path):
     payload = _tar([(_member("./toc.dat"), os.urandom(100_000))])
     with pytest.raises(IntegrityError, match="cannot be extracted"):
         _extract(root, payload[:50_000])
+
+
+def test_a_full_scratch_disk_is_a_storage_error_not_a_damaged_set(tmp_path, monkeypatch):
+    """ENOSPC must not send restore looking for older sets (they would all 'fail')."""
+    import errno
+    import shutil
+
+    from ansible_collections.clinic.backup.plugins.module_utils.errors import StoreError
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", full_disk)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(StoreError, match="No space left on device") as caught:
+        _extract(root, _tar([(_member("./toc.dat"), b"PGDMP" * 100)]))
+    assert not isinstance(caught.value, IntegrityError)

@@ -6,7 +6,8 @@
     python3 -m ansible_collections.clinic.backup.plugins.module_utils.agent backup --config FILE
 
 Commands: backup, verify, list, restore-test (a rehearsal of the newest set),
-retention (prune by the config's "retention" policy).
+retention (prune by the config's "retention" policy), and for a file group's config
+(name + paths: uploads, configuration) files-backup and files-restore-test.
 
 The config file is JSON whose keys are the modules' parameters (the role
 renders it from the same variables), so there is one vocabulary and one
@@ -22,13 +23,16 @@ __metaclass__ = type
 
 import argparse
 import json
+import os
 import signal
 import sys
+import tempfile
 import time
 
 from .backup import BackupOptions, run_backup
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, LockedError
+from .files import FileBackupOptions, restore_files, run_file_backup
 from .metrics import write_job_metrics
 from .module_support import (
     AWS_CREDENTIAL_ARGS,
@@ -40,6 +44,7 @@ from .module_support import (
     repository_names,
     s3_repository,
 )
+from .repository import safe_name
 from .restore import RestoreOptions, run_restore
 from .retention import RetentionPolicy, apply_retention, lock_paths_for
 from .verify import verify_set
@@ -79,12 +84,25 @@ def load_config(path):
     return config
 
 
+# A file group's config (files-backup): the files_backup module's options.
+FILE_OPTION_KEYS = (
+    "name",
+    "paths",
+    "exclude",
+    "compression",
+    "compression_level",
+    "encrypt",
+    "passphrase_file",
+    "label",
+    "stale_seconds",
+)
 # The pg_dump module's parameters (what the role renders), plus the agent's own "verify".
 CONFIG_KEYS = (
     frozenset(BACKUP_OPTION_KEYS)
     | frozenset(CONNECTION_ARGS)
     | frozenset(AWS_CREDENTIAL_ARGS)
     | frozenset(("repository", "s3_targets", "verify", "restore_test", "retention", "audit_log"))
+    | frozenset(FILE_OPTION_KEYS)
 )
 # Keys of "retention" (the backup_retention module's option names) -> RetentionPolicy's.
 RETENTION_KEYS = {
@@ -98,6 +116,7 @@ RETENTION_KEYS = {
 # backup's (the backup role rarely may create databases).
 RESTORE_TEST_KEYS = frozenset(
     (
+        "target_dir",
         "target_database",
         "maintenance_db",
         "require_verified",
@@ -122,7 +141,7 @@ INT_KEYS = (
     "s3_concurrency",
     "s3_retries",
 )
-LIST_KEYS = ("tables", "exclude_tables", "s3_targets")
+LIST_KEYS = ("tables", "exclude_tables", "s3_targets", "paths", "exclude")
 
 
 def check_config(config):
@@ -236,6 +255,30 @@ def cmd_retention(config, args):
     }
 
 
+def cmd_files_backup(config, args):
+    """Back up the config's file group (``name`` + ``paths``: uploads, configuration)."""
+    options = FileBackupOptions(
+        **{k: config[k] for k in FILE_OPTION_KEYS if config.get(k) is not None}
+    )
+    return run_file_backup(repositories(config, True), options)
+
+
+def cmd_files_restore_test(config, args):
+    """Rehearse restoring the newest file set of ``name`` into a scratch directory."""
+    rehearsal = config.get("restore_test") or {}
+    target = rehearsal.get("target_dir") or os.path.join(
+        tempfile.gettempdir(), "clinic-restore-test-%s" % safe_name(config.get("name") or "files")
+    )
+    return restore_files(
+        repositories(config, False)[0],
+        target,
+        set_id=args.set_id,
+        name=config.get("name"),
+        passphrase_file=config.get("passphrase_file"),
+        mode="rehearse",
+    )
+
+
 def cmd_restore_test(config, args):
     """Rehearse restoring the newest set (or --set-id) and report RTO/RPO."""
     rehearsal = dict(config.get("restore_test") or {})
@@ -264,6 +307,8 @@ COMMANDS = {
     "list": cmd_list,
     "restore-test": cmd_restore_test,
     "retention": cmd_retention,
+    "files-backup": cmd_files_backup,
+    "files-restore-test": cmd_files_restore_test,
 }
 # What each command's metrics file is called (job label) and its audit action.
 METRIC_JOBS = {
@@ -271,6 +316,8 @@ METRIC_JOBS = {
     "verify": "verify",
     "restore-test": "restore_test",
     "retention": "retention",
+    "files-backup": "backup",
+    "files-restore-test": "restore_test",
 }
 AUDIT_ACTIONS = METRIC_JOBS
 
@@ -294,7 +341,7 @@ def main(argv=None):
     config = {}
     try:
         config = load_config(args.config)
-        database = config.get("database") or "unknown"
+        database = config.get("database") or config.get("name") or "unknown"
         check_config(config)
         result = COMMANDS[args.command](config, args)
         code = EXIT_OK

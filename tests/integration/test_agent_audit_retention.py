@@ -1,4 +1,5 @@
-"""The host agent's retention command and the audit log every command appends to."""
+"""The host agent's retention and file-group commands, and the audit log every command
+appends to."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import pytest
 from testbed.ansible import run_playbook
+from testbed.dataset import make_uploads
 
 from ansible_collections.clinic.backup.plugins.module_utils.audit import verify_chain
 from tests.faults import faultlib
@@ -130,3 +132,45 @@ def test_modules_append_to_the_audit_log_except_in_check_mode(
     assert [(r["action"], r["outcome"]) for r in lines] == [("backup", "ok"), ("verify", "ok")]
     assert lines[0]["set_id"] == lines[1]["set_id"] == helpers.local_sets(repo_dir)[0]
     assert pg.clinic_password not in audit.read_text()
+
+
+def test_agent_backs_up_and_rehearses_a_file_group(collections_path, passphrase_file, tmp_path):
+    """The hourly uploads job and its restore test, from cron's side."""
+    uploads = tmp_path / "uploads"
+    files = make_uploads(uploads, count=12)
+    repo = tmp_path / "files-repo"
+    audit = tmp_path / "audit.log"
+    metrics_dir = tmp_path / "metrics"
+    config = faultlib.write_config(
+        tmp_path / "uploads.json",
+        {
+            "name": "uploads",
+            "paths": [str(uploads)],
+            "repository": str(repo),
+            "passphrase_file": str(passphrase_file),
+            "audit_log": str(audit),
+            "restore_test": {"target_dir": str(tmp_path / "rehearsal")},
+        },
+    )
+    backup = faultlib.run_agent(
+        collections_path, config, command="files-backup", metrics_dir=metrics_dir
+    )
+    assert backup.rc == 0, backup.text()
+    rehearsal = faultlib.run_agent(
+        collections_path, config, command="files-restore-test", metrics_dir=metrics_dir
+    )
+    assert rehearsal.rc == 0, rehearsal.text()
+    assert rehearsal.doc["set_id"] == backup.doc["set_id"]
+    assert not (tmp_path / "rehearsal").exists()
+    manifest = helpers.manifest(repo, backup.doc["set_id"])
+    assert manifest["kind"] == "files" and manifest["files"]["count"] == len(files)
+    assert (
+        faultlib.read_metrics(metrics_dir, "uploads", job="restore_test")[
+            "clinic_backup_last_status"
+        ]
+        == 0.0
+    )
+    assert [(r["action"], r["outcome"]) for r in audit_lines(audit)] == [
+        ("backup", "ok"),
+        ("restore_test", "ok"),
+    ]

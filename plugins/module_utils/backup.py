@@ -250,10 +250,12 @@ class Target(object):
         }
 
 
-def _stream_artifact(targets, filename, stages):
+def _stream_artifact(targets, filename, stages, source=None):
+    """Run ``stages`` (fed from ``source``, an iterable of bytes, if given) into every
+    healthy target; returns (StreamResult, {repository url: location})."""
     live = [t for t in targets if t.error is None]
     streams = [TargetStream(t.writer, filename) for t in live]
-    result = pipeline.run_stream(stages, MultiTarget(streams))
+    result = pipeline.run_stream(stages, MultiTarget(streams), source=source)
     for stream in streams:
         stream.close()
     locations = {}

@@ -59,7 +59,7 @@ import threading
 import time
 
 from . import pipeline
-from .backup import MultiTarget, Target, TargetStream, _filter_stages
+from .backup import Target, _filter_stages, _stream_artifact
 from .catalog import FORMAT_VERSION, list_catalog, load_manifest
 from .errors import BackupError, ConfigError, IntegrityError, StoreError, UnreachableError
 from .locking import RunLock, lock_path_for
@@ -530,24 +530,6 @@ class TarProducer(object):
 
 
 # ---------------------------------------------------------------------- backup
-def _stream_source(targets, filename, stages, source):
-    """backup._stream_artifact, with the first stage fed from ``source`` (an iterable)."""
-    live = [t for t in targets if t.error is None]
-    streams = [TargetStream(t.writer, filename) for t in live]
-    result = pipeline.run_stream(stages, MultiTarget(streams), source=source)
-    for stream in streams:
-        stream.close()
-    locations = {}
-    for target, stream in zip(live, streams):
-        if stream.error is not None:
-            target.error = stream.error
-        else:
-            locations[target.repo.url] = target.writer.final_location(filename)
-    if not locations:
-        raise StoreError("every target failed: %s" % "; ".join(str(t.error) for t in targets))
-    return result, locations
-
-
 def _check_name_is_free(repo, name):
     """Refuse a name whose newest set in ``repo`` is a database backup: both would share one
     latest pointer and one retention group."""
@@ -673,7 +655,7 @@ def _take_file_set(repositories, options, paths, passphrase, set_id, started, un
         for target in targets:
             if target.error is None:
                 target.writer = target.repo.begin(set_id)
-        result, locations = _stream_source(
+        result, locations = _stream_artifact(
             targets, filename, _filter_stages(options, gpg_session), producer
         )
         artifacts = [

@@ -76,3 +76,41 @@ options:
     description: Storage class of uploaded objects, for example V(STANDARD_IA) or V(GLACIER_IR).
     type: str
 """
+
+    # Where a new set goes in S3 (pg_dump, files_backup): any number of locations at once.
+    TARGETS = r"""
+options:
+  s3_targets:
+    description:
+      - S3 locations receiving the same set, uploaded from the stream (multipart, no temporary copy).
+      - A second bucket in another region gives the offsite copy of the 3-2-1 rule.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      bucket:
+        description: Bucket name.
+        type: str
+        required: true
+      prefix:
+        description: Key prefix of the repository in the bucket.
+        type: str
+        default: ""
+      region:
+        description: Region of the bucket.
+        type: str
+      endpoint_url:
+        description: URL of an S3-compatible endpoint.
+        type: str
+      sse:
+        description: Server-side encryption.
+        type: str
+        choices: [none, AES256, aws:kms]
+        default: none
+      kms_key_id:
+        description: KMS key for O(s3_targets[].sse=aws:kms).
+        type: str
+      storage_class:
+        description: Storage class of the objects.
+        type: str
+"""

@@ -38,6 +38,7 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - clinic.backup.audit
   - clinic.backup.s3
+  - clinic.backup.s3.targets
 attributes:
   check_mode:
     support: full
@@ -98,37 +99,6 @@ options:
       - Prefer a repository of its own for file sets (for example C(/var/backups/clinic/files)); sets in one
         repository share its lock, so a long database backup would make a file backup wait.
     type: path
-  s3_targets:
-    description: S3 locations receiving the same set, uploaded from the stream (multipart, no temporary copy).
-    type: list
-    elements: dict
-    default: []
-    suboptions:
-      bucket:
-        description: Bucket name.
-        type: str
-        required: true
-      prefix:
-        description: Key prefix of the repository in the bucket.
-        type: str
-        default: ""
-      region:
-        description: Region of the bucket.
-        type: str
-      endpoint_url:
-        description: URL of an S3-compatible endpoint.
-        type: str
-      sse:
-        description: Server-side encryption.
-        type: str
-        choices: [none, AES256, aws:kms]
-        default: none
-      kms_key_id:
-        description: KMS key for O(s3_targets[].sse=aws:kms).
-        type: str
-      storage_class:
-        description: Storage class of the objects.
-        type: str
   label:
     description: Free text stored in the manifest (for example V(before-upgrade)).
     type: str

@@ -28,6 +28,7 @@ extends_documentation_fragment:
   - clinic.backup.audit
   - clinic.backup.connection
   - clinic.backup.s3
+  - clinic.backup.s3.targets
 attributes:
   check_mode:
     support: full
@@ -101,39 +102,6 @@ options:
   repository:
     description: Local repository directory (created with mode V(0700) if missing).
     type: path
-  s3_targets:
-    description:
-      - S3 locations receiving the same set, uploaded from the stream (multipart, no temporary copy).
-      - A second bucket in another region gives the offsite copy of the 3-2-1 rule.
-    type: list
-    elements: dict
-    default: []
-    suboptions:
-      bucket:
-        description: Bucket name.
-        type: str
-        required: true
-      prefix:
-        description: Key prefix of the repository in the bucket.
-        type: str
-        default: ""
-      region:
-        description: Region of the bucket.
-        type: str
-      endpoint_url:
-        description: URL of an S3-compatible endpoint.
-        type: str
-      sse:
-        description: Server-side encryption.
-        type: str
-        choices: [none, AES256, aws:kms]
-        default: none
-      kms_key_id:
-        description: KMS key for O(s3_targets[].sse=aws:kms).
-        type: str
-      storage_class:
-        description: Storage class of the objects.
-        type: str
   include_globals:
     description:
       - Also capture roles, memberships and tablespaces with C(pg_dumpall --globals-only), needed to

@@ -55,7 +55,6 @@ import shutil
 import socket
 import stat
 import tarfile
-import threading
 import time
 
 from . import pipeline
@@ -785,7 +784,7 @@ def _store_failure(path, exc):
     return StoreError("cannot write %s: %s" % (path, exc.strerror or exc), hint)
 
 
-class FileTarExtractor(object):
+class FileTarExtractor(pipeline.ThreadedConsumer):
     """Stream consumer extracting a file set's tar archive into ``root`` (a new, empty
     directory), accepting only regular files, directories and symbolic links whose
     target stays inside ``root``.
@@ -800,6 +799,8 @@ class FileTarExtractor(object):
     ``apply_directories`` once everything is checked.
     """
 
+    stopped_message = "the file extractor stopped early"
+
     def __init__(self, root, strip=None, preserve_owner=False, limit_files=None, limit_bytes=None):
         self.root = root
         self.strip = strip
@@ -810,39 +811,18 @@ class FileTarExtractor(object):
         self.bytes = 0
         self.directories = 0
         self.symlinks = 0
-        self.error = None
         self._dirs = {}
         self._links = []
         self._cache = (None, None)
         self._root_fd = os.open(
             root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
         )
-        read_fd, write_fd = os.pipe()
-        self._reader = os.fdopen(read_fd, "rb")
-        self._writer = os.fdopen(write_fd, "wb")
-        self._thread = threading.Thread(target=self._run)
-        self._thread.daemon = True
-        self._thread.start()
+        self._start_thread()
 
     # -- the consumer side (pipeline thread)
-    def __call__(self, chunk):
-        if self.error is not None:
-            raise self.error
-        try:
-            self._writer.write(chunk)
-        except (BrokenPipeError, OSError):
-            self._thread.join()
-            raise self.error or IntegrityError("the file extractor stopped early") from None
-
     def finish(self):
         """Wait for the end of the archive; then check where every link leads."""
-        try:
-            self._writer.close()
-        except OSError:
-            pass
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
+        super(FileTarExtractor, self).finish()
         root = os.path.realpath(self.root)
         for name, relative in self._links:
             resolved = os.path.realpath(os.path.join(self.root, relative))
@@ -851,13 +831,6 @@ class FileTarExtractor(object):
                     "tar member %r is a link that leads outside the restored directory "
                     "(through other links); nothing was restored from this set" % name
                 )
-
-    def abort(self):
-        try:
-            self._writer.close()
-        except OSError:
-            pass
-        self._thread.join(timeout=10)
 
     def close(self):
         self._drop_cache()

@@ -398,6 +398,52 @@ class HashingReader(object):
         return self.digest.hexdigest()
 
 
+class ThreadedConsumer(object):
+    """Base of stream consumers whose parser pulls (tarfile): the pushed chunks go down a
+    pipe to ``self._run`` on a thread, which reads ``self._reader`` and sets ``self.error``
+    (a BackupError) when it must stop; the next push or ``finish`` raises it."""
+
+    stopped_message = "the consumer stopped reading early"
+
+    def _start_thread(self):
+        self.error = None
+        read_fd, write_fd = os.pipe()
+        self._reader = os.fdopen(read_fd, "rb")
+        self._writer = os.fdopen(write_fd, "wb")
+        self._thread = threading.Thread(target=self._run)
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self):
+        raise NotImplementedError
+
+    def __call__(self, chunk):
+        if self.error is not None:
+            raise self.error
+        try:
+            self._writer.write(chunk)
+        except (BrokenPipeError, OSError):
+            self._thread.join()
+            raise self.error or IntegrityError(self.stopped_message) from None
+
+    def _close_writer(self):
+        try:
+            self._writer.close()
+        except OSError:
+            pass
+
+    def finish(self):
+        """End of stream: wait for the thread and raise what stopped it, if anything."""
+        self._close_writer()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self):
+        self._close_writer()
+        self._thread.join(timeout=10)
+
+
 class Tee(object):
     """Send each chunk to several sinks (one local file, N S3 uploads)."""
 

@@ -34,7 +34,6 @@ import posixpath
 import shutil
 import tarfile
 import tempfile
-import threading
 import time
 
 from . import pipeline
@@ -363,7 +362,7 @@ def compare_row_counts(manifest, counts, missing):
 
 
 # ---------------------------------------------------------------------- directory archives
-class SafeTarExtractor(object):
+class SafeTarExtractor(pipeline.ThreadedConsumer):
     """Stream consumer that extracts a tar archive into ``root``.
 
     Only regular files and directories below ``root`` are accepted: an absolute
@@ -372,41 +371,12 @@ class SafeTarExtractor(object):
     are created 0600 with O_EXCL|O_NOFOLLOW, so nothing can be redirected.
     """
 
+    stopped_message = "the tar extractor stopped early"
+
     def __init__(self, root):
         self.root = root
         self.files = 0
-        self.error = None
-        read_fd, write_fd = os.pipe()
-        self._reader = os.fdopen(read_fd, "rb")
-        self._writer = os.fdopen(write_fd, "wb")
-        self._thread = threading.Thread(target=self._run)
-        self._thread.daemon = True
-        self._thread.start()
-
-    def __call__(self, chunk):
-        if self.error is not None:
-            raise self.error
-        try:
-            self._writer.write(chunk)
-        except (BrokenPipeError, OSError):
-            self._thread.join()
-            raise self.error or IntegrityError("the tar extractor stopped early") from None
-
-    def finish(self):
-        try:
-            self._writer.close()
-        except OSError:
-            pass
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self):
-        try:
-            self._writer.close()
-        except OSError:
-            pass
-        self._thread.join(timeout=10)
+        self._start_thread()
 
     def _run(self):
         try:

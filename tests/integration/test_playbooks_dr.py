@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 from testbed.ansible import ansible_env, run_playbook, venv_bin
-from testbed.dataset import table_fingerprints
+from testbed.dataset import make_uploads, table_fingerprints
 from testbed.files import write_passphrase_file, write_private
 from testbed.pg import PostgresCluster, quote_literal
 
@@ -58,6 +58,14 @@ class DR:
         return run_playbook(
             PLAYBOOKS / name, self.env, extra_vars=self.vars(**overrides), inventory=str(INVENTORY)
         )
+
+    def play_tasks(self, tasks: list[dict[str, object]]):
+        """A one-off play of ``tasks`` on localhost (setting up what a scenario starts from)."""
+        path = self.work / ("setup-%s.yml" % secrets.token_hex(3))
+        path.write_text(
+            json.dumps([{"hosts": "all", "gather_facts": False, "tasks": tasks}], default=str)
+        )
+        return run_playbook(path, self.env)
 
 
 def fresh_name(stem: str) -> str:
@@ -329,10 +337,31 @@ def test_server_failure_rebuilds_from_s3_with_roles_and_vault_passwords(
 ):
     # Quotes and a backslash: the SQL quoting must hold.
     password = "N3w'pa\\ss\"" + secrets.token_urlsafe(12)
+    # The uploads, backed up on the old server into their own repository.
+    uploads, files_repo = tmp_path / "uploads", tmp_path / "files-repo"
+    originals = {p.relative_to(uploads): p.read_bytes() for p in make_uploads(uploads, count=8)}
+    dr.play_tasks(
+        [
+            {
+                "name": "uploads backup",
+                "clinic.backup.files_backup": {
+                    "name": "uploads",
+                    "paths": [str(uploads)],
+                    "repository": str(files_repo),
+                    "passphrase_file": dr.base_vars["clinic_backup_passphrase_file"],
+                },
+            }
+        ]
+    ).assert_ok()
+    restored = tmp_path / "new-server" / "uploads"
+    restored.parent.mkdir()
     extra = dr.vars(
         **on_server(clean_server),
         clinic_backup_app_roles=[
             {"name": dr.base_vars["clinic_backup_login_user"], "password": password}
+        ],
+        clinic_backup_file_groups=[
+            {"name": "uploads", "repository": str(files_repo), "target_dir": str(restored)}
         ],
     )
     vars_file = write_private(tmp_path / "vars.json", json.dumps(extra))
@@ -359,6 +388,10 @@ def test_server_failure_rebuilds_from_s3_with_roles_and_vault_passwords(
     assert proc.returncode == 0, output
     assert "Database clinic_db created from set %s (s3://" % dr.set_id in output
     assert table_fingerprints(clean_server, "clinic_db") == pg_fingerprints
+    assert {
+        p.relative_to(restored): p.read_bytes() for p in restored.rglob("*") if p.is_file()
+    } == (originals)
+    assert "File groups restored: uploads" in output
     user = dr.base_vars["clinic_backup_login_user"]
     conn = psycopg2.connect(
         host=clean_server.host,

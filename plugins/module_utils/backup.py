@@ -39,7 +39,44 @@ FORMATS = {
 GLOBALS_CONTENT = "pg_dumpall-globals"
 
 
-class BackupOptions(object):
+class StreamOptions(object):
+    """How any set's artifacts are stored: compression, encryption, label, leftovers' age."""
+
+    def _set_stream_options(
+        self,
+        compression,
+        compression_level,
+        compression_threads,
+        encrypt,
+        passphrase_file,
+        label,
+        stale_seconds,
+    ):
+        self.compression = compression
+        self.compress_argv = pipeline.compress_argv(
+            compression, compression_level, compression_threads
+        )
+        self.compression_level = (
+            None
+            if compression == "none"
+            else int(
+                compression_level
+                if compression_level is not None
+                else pipeline.DEFAULT_LEVEL[compression]
+            )
+        )
+        self.encrypt = bool(encrypt)
+        self.passphrase_file = passphrase_file
+        if self.encrypt and not passphrase_file:
+            raise ConfigError(
+                "encryption is on but no passphrase_file is set",
+                "set passphrase_file to a 0600 file, or encrypt: false to store plaintext on purpose",
+            )
+        self.label = label
+        self.stale_seconds = int(stale_seconds)
+
+
+class BackupOptions(StreamOptions):
     """What to dump and how; validated on construction (ConfigError)."""
 
     def __init__(
@@ -82,31 +119,18 @@ class BackupOptions(object):
         self.exclude_tables = list(exclude_tables or [])
         self.table_patterns = [table_pattern(t) for t in self.tables]
         self.exclude_patterns = [table_pattern(t) for t in self.exclude_tables]
-        self.compression = compression
-        self.compress_argv = pipeline.compress_argv(
-            compression, compression_level, compression_threads
+        self._set_stream_options(
+            compression,
+            compression_level,
+            compression_threads,
+            encrypt,
+            passphrase_file,
+            label,
+            stale_seconds,
         )
-        self.compression_level = (
-            None
-            if compression == "none"
-            else int(
-                compression_level
-                if compression_level is not None
-                else pipeline.DEFAULT_LEVEL[compression]
-            )
-        )
-        self.encrypt = bool(encrypt)
-        self.passphrase_file = passphrase_file
-        if self.encrypt and not passphrase_file:
-            raise ConfigError(
-                "encryption is on but no passphrase_file is set",
-                "set passphrase_file to a 0600 file, or encrypt: false to store plaintext on purpose",
-            )
         self.include_globals = bool(include_globals)
         self.row_counts = bool(row_counts) and not self.schema_only
         self.pg_bin_dir = pg_bin_dir
-        self.label = label
-        self.stale_seconds = int(stale_seconds)
 
     def artifact_file(self, stem, extension):
         name = safe_name(stem) + extension + pipeline.COMPRESSION_SUFFIX[self.compression]

@@ -58,7 +58,7 @@ import tarfile
 import time
 
 from . import pipeline
-from .backup import Target, _filter_stages, _stream_artifact
+from .backup import StreamOptions, Target, _filter_stages, _stream_artifact
 from .catalog import FORMAT_VERSION, list_catalog, load_manifest
 from .errors import BackupError, ConfigError, IntegrityError, StoreError, UnreachableError
 from .locking import RunLock, lock_path_for
@@ -117,7 +117,7 @@ def member_prefixes(paths):
     return ["%d-%s" % (index, os.path.basename(path)) for index, path in enumerate(paths)]
 
 
-class FileBackupOptions(object):
+class FileBackupOptions(StreamOptions):
     """What to archive and how; validated on construction (ConfigError)."""
 
     def __init__(
@@ -144,26 +144,9 @@ class FileBackupOptions(object):
                     "exclude patterns must be non-empty strings (got %r)" % (pattern,)
                 )
             self.exclude.append(pattern)
-        self.compression = compression
-        self.compress_argv = pipeline.compress_argv(compression, compression_level)
-        self.compression_level = (
-            None
-            if compression == "none"
-            else int(
-                compression_level
-                if compression_level is not None
-                else pipeline.DEFAULT_LEVEL[compression]
-            )
+        self._set_stream_options(
+            compression, compression_level, 0, encrypt, passphrase_file, label, stale_seconds
         )
-        self.encrypt = bool(encrypt)
-        self.passphrase_file = passphrase_file
-        if self.encrypt and not passphrase_file:
-            raise ConfigError(
-                "encryption is on but no passphrase_file is set",
-                "set passphrase_file to a 0600 file, or encrypt: false to store plaintext on purpose",
-            )
-        self.label = label
-        self.stale_seconds = int(stale_seconds)
 
     def artifact_file(self):
         name = self.name + ".tar" + pipeline.COMPRESSION_SUFFIX[self.compression]

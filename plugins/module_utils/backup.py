@@ -293,6 +293,32 @@ def _stream_artifact(targets, filename, stages, source=None):
     return result, locations
 
 
+def commit_manifests(targets, manifest, name, set_id):
+    """Write the manifest - last - into every healthy target, then point ``latest`` at the
+    set; returns warnings. A target whose commit fails is aborted and keeps its error."""
+    for target in targets:
+        if target.error is not None:
+            if target.writer is not None:
+                target.writer.abort()
+            continue
+        try:
+            target.writer.commit(manifest)
+            target.committed = True
+        except BackupError as exc:
+            target.error = exc
+            target.writer.abort()
+    warnings = []
+    for target in targets:
+        if target.committed:
+            try:
+                target.repo.write_latest(name, set_id)
+            except (BackupError, OSError) as exc:
+                warnings.append(
+                    "could not update the newest-set pointer in %s: %s" % (target.repo.url, exc)
+                )
+    return warnings
+
+
 def _filter_stages(options, gpg_session):
     stages = []
     if options.compress_argv:
@@ -486,26 +512,7 @@ def _take_set(
             "finished_at": isoformat(finished),
             "duration_seconds": round(time.time() - clock, 3),
         }
-        for target in targets:
-            if target.error is not None:
-                if target.writer is not None:
-                    target.writer.abort()
-                continue
-            try:
-                target.writer.commit(manifest)
-                target.committed = True
-            except BackupError as exc:
-                target.error = exc
-                target.writer.abort()
-        warnings = []
-        for target in targets:
-            if target.committed:
-                try:
-                    target.repo.write_latest(connection.dbname, set_id)
-                except (BackupError, OSError) as exc:
-                    warnings.append(
-                        "could not update the newest-set pointer in %s: %s" % (target.repo.url, exc)
-                    )
+        warnings = commit_manifests(targets, manifest, connection.dbname, set_id)
     except BaseException:
         if globals_job is not None:
             globals_job.join(quiet=True)  # it writes to the sinks about to be aborted

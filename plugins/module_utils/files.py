@@ -58,7 +58,13 @@ import tarfile
 import time
 
 from . import pipeline
-from .backup import StreamOptions, Target, _filter_stages, _stream_artifact
+from .backup import (
+    StreamOptions,
+    Target,
+    _filter_stages,
+    _stream_artifact,
+    commit_manifests,
+)
 from .catalog import FORMAT_VERSION, list_catalog, load_manifest
 from .errors import BackupError, ConfigError, IntegrityError, StoreError, UnreachableError
 from .locking import RunLock, lock_path_for
@@ -673,25 +679,7 @@ def _take_file_set(repositories, options, paths, passphrase, set_id, started, un
             "finished_at": isoformat(finished),
             "duration_seconds": round(time.time() - clock, 3),
         }
-        for target in targets:
-            if target.error is not None:
-                if target.writer is not None:
-                    target.writer.abort()
-                continue
-            try:
-                target.writer.commit(manifest)
-                target.committed = True
-            except BackupError as exc:
-                target.error = exc
-                target.writer.abort()
-        for target in targets:
-            if target.committed:
-                try:
-                    target.repo.write_latest(options.name, set_id)
-                except (BackupError, OSError) as exc:
-                    warnings.append(
-                        "could not update the newest-set pointer in %s: %s" % (target.repo.url, exc)
-                    )
+        warnings.extend(commit_manifests(targets, manifest, options.name, set_id))
     except BaseException:
         for target in targets:
             if target.writer is not None and not target.committed:

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 
-from . import pipeline
+from . import authentication, pipeline
 from .catalog import FORMAT_VERSION
 from .errors import BackupError, ConfigError, SourceError, StoreError, UnreachableError
 from .locking import RunLock, lock_path_for
@@ -170,12 +170,14 @@ def pg_dump_argv(bin_dir, options, snapshot_id, output_dir=None):
     return argv
 
 
-def pg_dumpall_globals_argv(bin_dir, dbname, superuser):
+def pg_dumpall_globals_argv(bin_dir, connection, superuser):
     argv = [
         os.path.join(bin_dir, "pg_dumpall"),
         "--no-password",
         "--globals-only",
-        "--database=%s" % dbname,
+        # --dbname takes a connection string: the name goes in quoted, so a name holding
+        # '=' is a name, not settings (host, user...) of another server.
+        "--dbname=%s" % connection.conninfo_dbname(),
     ]
     if not superuser:
         # Non-superusers cannot read pg_authid; roles are kept, their passwords are not.
@@ -293,9 +295,17 @@ def _stream_artifact(targets, filename, stages, source=None):
     return result, locations
 
 
-def commit_manifests(targets, manifest, name, set_id):
-    """Write the manifest - last - into every healthy target, then point ``latest`` at the
-    set; returns warnings. A target whose commit fails is aborted and keeps its error."""
+def commit_manifests(targets, manifest, name, set_id, key=None):
+    """Seal the manifest with ``key`` (authentication.RecordKey; None: unsealed) and write
+    it - last - into every healthy target, then point ``latest`` at the set; returns
+    (the manifest as stored, warnings). A target whose commit fails is aborted and keeps
+    its error."""
+    manifest = authentication.seal(manifest, key, "manifest")
+    pointer = authentication.seal(
+        {"database": name, "set_id": set_id, "manifest_mac": authentication.record_mac(manifest)},
+        key,
+        "pointer",
+    )
     for target in targets:
         if target.error is not None:
             if target.writer is not None:
@@ -311,11 +321,34 @@ def commit_manifests(targets, manifest, name, set_id):
     for target in targets:
         if target.committed:
             try:
-                target.repo.write_latest(name, set_id)
+                target.repo.write_latest(name, set_id, pointer)
             except (BackupError, OSError) as exc:
                 warnings.append(
                     "could not update the newest-set pointer in %s: %s" % (target.repo.url, exc)
                 )
+    return manifest, warnings
+
+
+def record_key(options):
+    """The key that seals a new set's records: from the passphrase file, which an
+    unencrypted set may still name for exactly that purpose."""
+    return authentication.RecordKey.from_file(options.passphrase_file)
+
+
+def prepare_targets(repositories, unreachable, stale_seconds, key, name):
+    """Under the lock: lay out every reachable target, remove leftovers of killed runs,
+    and seal with the salt the newest pointer of ``name`` already uses (so a catalog
+    listing derives the key once). Returns warnings about the repositories."""
+    warnings = []
+    for repo in repositories:
+        if repo.url in unreachable:
+            continue
+        warnings.extend(repo.ensure_layout())
+        repo.cleanup_incomplete(older_than_seconds=stale_seconds)
+        if key is not None:
+            pointer = repo.read_latest_record(name)
+            if pointer is not None:
+                key.adopt_salt(pointer)
     return warnings
 
 
@@ -341,6 +374,7 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
             "no backup target given", "set a local repository and/or at least one S3 target"
         )
     passphrase = load_passphrase(options.passphrase_file) if options.encrypt else None
+    key = record_key(options)
     unreachable = {}
     for repo in repositories:
         try:
@@ -372,36 +406,29 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
                 "warnings": ["%s is unreachable: %s" % item for item in unreachable.items()],
             }
         with RunLock(lock_path_for(repositories)):
-            for repo in repositories:
-                if repo.url not in unreachable:
-                    repo.ensure_layout()
-                    repo.cleanup_incomplete(older_than_seconds=options.stale_seconds)
-            return _take_set(
+            layout_warnings = prepare_targets(
+                repositories, unreachable, options.stale_seconds, key, connection.dbname
+            )
+            result = _take_set(
                 connection,
                 repositories,
                 options,
                 snapshot,
                 bin_dir,
-                passphrase,
+                (passphrase, key),
                 set_id,
-                started,
-                clock,
+                (started, clock),
                 unreachable,
             )
+            result["warnings"] = layout_warnings + result["warnings"]
+            return result
 
 
 def _take_set(
-    connection,
-    repositories,
-    options,
-    snapshot,
-    bin_dir,
-    passphrase,
-    set_id,
-    started,
-    clock,
-    unreachable,
+    connection, repositories, options, snapshot, bin_dir, secrets, set_id, times, unreachable
 ):
+    passphrase, key = secrets
+    started, clock = times
     targets = [Target(repo) for repo in repositories]
     for target in targets:
         target.error = unreachable.get(target.repo.url)
@@ -429,7 +456,7 @@ def _take_set(
                 [
                     pipeline.Stage(
                         "pg_dumpall",
-                        pg_dumpall_globals_argv(bin_dir, connection.dbname, snapshot.is_superuser),
+                        pg_dumpall_globals_argv(bin_dir, connection, snapshot.is_superuser),
                         env=env,
                     )
                 ]
@@ -438,7 +465,7 @@ def _take_set(
         db_file = options.artifact_file(connection.dbname, extension)
         if options.format == "directory":
             scratch = _scratch_dir(targets)
-            dump_dir = os.path.join(scratch, "dump")
+            dump_dir = os.path.join(scratch.path, "dump")
             _run_checked(
                 pg_dump_argv(bin_dir, options, snapshot.snapshot_id, dump_dir), env, "pg_dump"
             )
@@ -463,7 +490,7 @@ def _take_set(
             }
         ]
         if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.close()
             scratch = None
         if globals_job is not None:
             result, locations = globals_job.join()
@@ -512,7 +539,7 @@ def _take_set(
             "finished_at": isoformat(finished),
             "duration_seconds": round(time.time() - clock, 3),
         }
-        warnings = commit_manifests(targets, manifest, connection.dbname, set_id)
+        manifest, warnings = commit_manifests(targets, manifest, connection.dbname, set_id, key)
     except BaseException:
         if globals_job is not None:
             globals_job.join(quiet=True)  # it writes to the sinks about to be aborted
@@ -524,7 +551,7 @@ def _take_set(
         if counter is not None and counter.is_alive():
             snapshot.close()  # unblocks the counting thread
         if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.close()
         if gpg_session is not None:
             gpg_session.close()
     result = {
@@ -566,13 +593,14 @@ def _scratch_dir(targets):
     """Private scratch space for pg_dump --format=directory (it cannot stream).
 
     pg_dump writes its uncompressed directory here before it is tarred,
-    compressed and encrypted; the directory is 0700 and removed right after.
-    A local repository's staging area is preferred (same disk, same access rules).
+    compressed and encrypted; the directory is 0700 and removed right after, and a
+    killed run's is removed by the next run. A local repository's staging area is
+    preferred (same disk, same access rules, cleaned with the staging leftovers).
     """
     for target in targets:
-        if target.repo.kind == "local":
-            return tempfile.mkdtemp(prefix=".pgdump-", dir=target.writer.staging_dir())
-    return tempfile.mkdtemp(prefix="clinic-backup-pgdump-")
+        if target.repo.kind == "local" and target.writer is not None:
+            return pipeline.OwnedDir(".pgdump-", base=target.writer.staging_dir())
+    return pipeline.scratch_dir()
 
 
 def _run_checked(argv, env, name):

@@ -10,8 +10,9 @@ unit-tested without files or S3.
 Rules:
 - Sets are listed newest first (set ids start with their UTC start time); the same
   set in two repositories (local and S3) is listed once per repository.
-- ``newest`` is the newest *complete* set (a corrupt manifest is never newest); with
-  ``require_verified`` the newest complete set whose recorded verification is ``ok``.
+- ``newest`` is the newest *complete* set (a corrupt manifest is never newest) that a
+  restore would take: never one whose manifest carries no MAC (authentication
+  ``none``); with ``require_verified`` the newest whose verification is ``ok``.
 - A corrupt entry has no database (its manifest could not be read): under a
   ``database`` filter it is kept when its set id carries that database's name, so a
   broken set of the database asked about is never hidden.
@@ -23,6 +24,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+from .authentication import UNSEALED
 from .errors import ConfigError
 from .repository import parse_time, safe_name
 
@@ -36,7 +38,9 @@ SUMMARY_FIELDS = (
     "finished_at",
     "size",
     "encrypted",
+    "authentication",
     "verification",
+    "verification_detail",
     "verified_at",
 )
 # Length of the "20261122T010000Z-" prefix and the "-1a2b3c" suffix of a set id.
@@ -113,7 +117,7 @@ def merge_entries(*entry_lists):
 def newest_entry(entries, require_verified=False):
     """The first complete entry (verified ok, if asked) of a newest-first list, or None."""
     for entry in entries:
-        if entry.get("state") != "complete":
+        if entry.get("state") != "complete" or entry.get("authentication") == UNSEALED:
             continue
         if require_verified and entry.get("verification") != "ok":
             continue

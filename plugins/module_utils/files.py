@@ -58,19 +58,34 @@ import tarfile
 import time
 
 from . import pipeline
+from .authentication import RecordKey
 from .backup import (
     StreamOptions,
     Target,
     _filter_stages,
     _stream_artifact,
     commit_manifests,
+    prepare_targets,
+    record_key,
 )
-from .catalog import FORMAT_VERSION, list_catalog, load_manifest
+from .catalog import (
+    FORMAT_VERSION,
+    check_passphrase_opens,
+    list_catalog,
+    load_manifest,
+    unusable_reason,
+)
 from .errors import BackupError, ConfigError, IntegrityError, StoreError, UnreachableError
 from .locking import RunLock, lock_path_for
 from .passphrase import load_passphrase
 from .repository import check_set_id, fsync_dir, isoformat, new_set_id, parse_time, utc_now
-from .restore import _stream_into, _unsafe_member
+from .restore import (
+    UNENCRYPTED_REASON,
+    _stream_into,
+    _unsafe_member,
+    check_restorable,
+    load_explicit,
+)
 from .version import TOOL_NAME, TOOL_VERSION
 
 KIND = "files"
@@ -581,6 +596,7 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
         )
     paths = [check_source_path(p) for p in options.paths]  # again: time passed since
     passphrase = load_passphrase(options.passphrase_file) if options.encrypt else None
+    key = record_key(options)
     unreachable = {}
     for repo in repositories:
         try:
@@ -619,16 +635,18 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
             + _warnings(counter),
         }
     with RunLock(lock_path_for(repositories)):
-        for repo in repositories:
-            if repo.url not in unreachable:
-                repo.ensure_layout()
-                repo.cleanup_incomplete(older_than_seconds=options.stale_seconds)
-        return _take_file_set(
-            repositories, options, paths, passphrase, set_id, started, unreachable
+        layout_warnings = prepare_targets(
+            repositories, unreachable, options.stale_seconds, key, options.name
         )
+        result = _take_file_set(
+            repositories, options, paths, (passphrase, key), set_id, started, unreachable
+        )
+        result["warnings"] = layout_warnings + result["warnings"]
+        return result
 
 
-def _take_file_set(repositories, options, paths, passphrase, set_id, started, unreachable):
+def _take_file_set(repositories, options, paths, secrets, set_id, started, unreachable):
+    passphrase, key = secrets
     clock = time.time()
     targets = [Target(repo) for repo in repositories]
     for target in targets:
@@ -679,7 +697,8 @@ def _take_file_set(repositories, options, paths, passphrase, set_id, started, un
             "finished_at": isoformat(finished),
             "duration_seconds": round(time.time() - clock, 3),
         }
-        warnings.extend(commit_manifests(targets, manifest, options.name, set_id))
+        manifest, committed = commit_manifests(targets, manifest, options.name, set_id, key)
+        warnings.extend(committed)
     except BaseException:
         for target in targets:
             if target.writer is not None and not target.committed:
@@ -1127,16 +1146,35 @@ def _is_file_set(entry_or_manifest):
     return isinstance(manifest, dict) and manifest.get("kind") == KIND
 
 
-def file_candidates(repo, name=None, set_id=None):
+class FileRestoreOptions(object):
+    """What a file restore may take (the names check_restorable reads)."""
+
+    def __init__(
+        self, name=None, allow_unauthenticated=False, allow_unencrypted=False, passphrase_file=None
+    ):
+        self.name = name
+        self.passphrase_file = passphrase_file
+        self.allow_unauthenticated = bool(allow_unauthenticated)
+        self.allow_unencrypted = bool(allow_unencrypted)
+
+
+def file_candidates(repo, name=None, set_id=None, key=None, options=None):
     """(set ids to try, newest first; sets passed over and why)."""
+    options = options or FileRestoreOptions(name)
     if set_id is not None:
-        return [check_set_id(set_id)], []
+        check_set_id(set_id)
+        check_restorable(load_explicit(repo, set_id, key, options), options, key, KIND, "name")
+        return [set_id], []
     chosen, passed, names = [], [], set()
-    for entry in list_catalog(repo, name):
-        if entry["state"] != "complete":
-            passed.append({"set_id": entry["id"], "reason": entry.get("error", "corrupt")})
+    entries = list_catalog(repo, name, key=key)
+    for entry in entries:
+        if entry["state"] == "complete" and not _is_file_set(entry):
             continue
-        if not _is_file_set(entry):
+        reason = unusable_reason(entry, options.allow_unauthenticated)
+        if reason is None and not entry["encrypted"] and not options.allow_unencrypted:
+            reason = UNENCRYPTED_REASON
+        if reason is not None:
+            passed.append({"set_id": entry["id"], "reason": reason})
             continue
         names.add(entry["database"])
         chosen.append(entry["id"])
@@ -1146,6 +1184,7 @@ def file_candidates(repo, name=None, set_id=None):
             "set name to the one to restore",
         )
     if not chosen:
+        check_passphrase_opens(entries, repo, options.passphrase_file)
         raise IntegrityError(
             "no complete file set%s in %s" % (" named %r" % name if name else "", repo.url),
             "passed over: %s" % "; ".join("%(set_id)s (%(reason)s)" % p for p in passed)
@@ -1156,17 +1195,10 @@ def file_candidates(repo, name=None, set_id=None):
 
 
 def _attempt(repo, set_id, work, options, state):
-    manifest = load_manifest(repo, set_id)
-    if not _is_file_set(manifest):
-        raise ConfigError(
-            "set %s is a database backup, not a file set" % set_id,
-            "restore it with clinic.backup.backup_restore",
-        )
-    if options.get("name") and manifest["database"] != options["name"]:
-        raise ConfigError(
-            "set %s is a backup of %r, not of %r" % (set_id, manifest["database"], options["name"]),
-            "leave name out or give the set's own name",
-        )
+    manifest = load_manifest(repo, set_id, state.get("key"))
+    restorable_warnings = check_restorable(
+        manifest, options["restorable"], state.get("key"), KIND, "name"
+    )
     artifact = next((a for a in manifest["artifacts"] if a["name"] == ARTIFACT_NAME), None)
     if artifact is None or artifact.get("content") != CONTENT:
         raise IntegrityError("set %s holds no %s artifact" % (set_id, CONTENT))
@@ -1208,7 +1240,7 @@ def _attempt(repo, set_id, work, options, state):
         extractor.apply_directories()
     finally:
         extractor.close()
-    warnings = []
+    warnings = list(restorable_warnings)
     if recorded.get("changed"):
         warnings.append(
             "%d file(s) were changing while set %s was taken; their stored copies may be "
@@ -1277,8 +1309,13 @@ def restore_files(
     preserve_owner=False,
     fallback=True,
     now=None,
+    allow_unauthenticated=False,
+    allow_unencrypted=False,
 ):
-    """Restore (or rehearse restoring) a file set into ``target_dir``; returns a result dict."""
+    """Restore (or rehearse restoring) a file set into ``target_dir``; returns a result dict.
+
+    Sets are authenticated with the passphrase's key; an unauthenticated or unencrypted
+    set is only restored when this run allows it (see restore.check_restorable)."""
     now = now or utc_now()
     clock = time.time()
     if name is not None:
@@ -1294,14 +1331,11 @@ def restore_files(
             "work directories of interrupted restores are still there (they may hold patient "
             "data; remove them): %s" % ", ".join(leftovers)
         )
-    to_try, passed = file_candidates(repo, name, set_id)
+    restorable = FileRestoreOptions(name, allow_unauthenticated, allow_unencrypted, passphrase_file)
+    key = RecordKey.from_file(passphrase_file)
+    to_try, passed = file_candidates(repo, name, set_id, key, restorable)
     if check_mode:
-        manifest = load_manifest(repo, to_try[0])
-        if not _is_file_set(manifest):
-            raise ConfigError(
-                "set %s is a database backup, not a file set" % to_try[0],
-                "restore it with clinic.backup.backup_restore",
-            )
+        manifest = load_manifest(repo, to_try[0], key)
         return {
             "changed": mode != "rehearse",
             "check_mode": True,
@@ -1315,10 +1349,14 @@ def restore_files(
             "mode": mode,
             "warnings": warnings,
         }
-    options = {"passphrase_file": passphrase_file, "preserve_owner": preserve_owner, "name": name}
+    options = {
+        "passphrase_file": passphrase_file,
+        "preserve_owner": preserve_owner,
+        "restorable": restorable,
+    }
     fallback = bool(fallback) and set_id is None
     damaged = []
-    state = {}
+    state = {"key": key}
     try:
         for candidate in to_try:
             work = target + WORK_MARK + os.urandom(3).hex()

@@ -41,6 +41,14 @@ S3_LOCATION_ARGS = dict(
 )
 
 AUDIT_ARGS = dict(audit_log=dict(type="path"))
+# Doc fragment clinic.backup.authentication: modules that read sets.
+PASSPHRASE_ARGS = dict(passphrase_file=dict(type="path", no_log=False))
+# ... clinic.backup.authentication.unauthenticated: modules that choose or check sets ...
+AUTHENTICATION_ARGS = dict(PASSPHRASE_ARGS, allow_unauthenticated=dict(type="bool", default=False))
+# ... and clinic.backup.authentication.restore.
+RESTORE_AUTHENTICATION_ARGS = dict(
+    AUTHENTICATION_ARGS, allow_unencrypted=dict(type="bool", default=False)
+)
 
 AWS_CREDENTIAL_ARGS = dict(
     aws_profile=dict(type="str", aliases=["profile"]),

@@ -92,29 +92,68 @@ def stop_gpg_home(home):
 
 
 OWNER_LOCK = ".owner.lock"
+SCRATCH_PREFIX = "clinic-backup-scratch-"
 
 
-def reap_stale_gpg_homes(min_age_seconds=60):
-    """Remove the gpg homes of killed runs.
+class OwnedDir(object):
+    """A private (0700) temporary directory that a later run can tell is abandoned.
 
-    A live session holds an flock on its home's lock file; the kernel drops
-    it when the process dies, so a home whose lock can be taken is stale.
+    The live run holds an flock on a lock file inside; the kernel drops it when the
+    process dies, however it dies (SIGKILL included), so ``reap_owned_dirs`` removes
+    exactly the directories of dead runs. gpg homes and the plaintext scratch space
+    of directory-format dumps and restores both live in such directories: patient
+    rows left in /tmp by a killed run are gone at the next run.
+    """
+
+    def __init__(self, prefix, base=None, remove=None):
+        self._remove = remove or _remove_tree
+        self.path = tempfile.mkdtemp(prefix=prefix, dir=base)
+        os.chmod(self.path, 0o700)
+        self._owner_fd = os.open(
+            os.path.join(self.path, OWNER_LOCK),
+            os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+            0o600,
+        )
+        fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
+
+    def close(self):
+        if self._owner_fd is not None:
+            self._remove(self.path)
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+
+def _remove_tree(path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def reap_owned_dirs(prefix, remove=None, base=None, min_age_seconds=60):
+    """Remove the OwnedDirs of killed runs (their lock can be taken).
+
     (A pid check would misjudge runs in other containers sharing /tmp.)
     """
-    base = tempfile.gettempdir()
-    for name in os.listdir(base):
+    remove = remove or _remove_tree
+    base = base or tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
         path = os.path.join(base, name)
-        if not name.startswith(GNUPG_HOME_PREFIX):
+        if not name.startswith(prefix):
             continue
         try:
             info = os.lstat(path)
             if info.st_uid != os.geteuid() or not stat.S_ISDIR(info.st_mode):
                 continue
-            fd = os.open(os.path.join(path, OWNER_LOCK), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(
+                os.path.join(path, OWNER_LOCK),
+                os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+            )
         except FileNotFoundError:
             # Not locked yet (just created) or an old layout: judge by age.
             if time.time() - info.st_mtime > min_age_seconds:
-                stop_gpg_home(path)
+                remove(path)
             continue
         except OSError:
             continue
@@ -124,7 +163,19 @@ def reap_stale_gpg_homes(min_age_seconds=60):
             continue  # its run is alive
         finally:
             os.close(fd)
-        stop_gpg_home(path)
+        remove(path)
+
+
+def scratch_dir(base=None):
+    """A private scratch directory for plaintext that cannot be streamed (pg_dump and
+    pg_restore --format=directory); leftovers of killed runs are removed first."""
+    reap_owned_dirs(SCRATCH_PREFIX, base=base)
+    return OwnedDir(SCRATCH_PREFIX, base=base)
+
+
+def reap_stale_gpg_homes(min_age_seconds=60):
+    """Remove the gpg homes of killed runs (stopping their agents)."""
+    reap_owned_dirs(GNUPG_HOME_PREFIX, stop_gpg_home, min_age_seconds=min_age_seconds)
 
 
 class GpgSession(object):
@@ -142,14 +193,8 @@ class GpgSession(object):
         self._passphrase = passphrase
         self.gpg = which_or_fail("gpg", "gnupg")
         reap_stale_gpg_homes()
-        self.home = tempfile.mkdtemp(prefix=GNUPG_HOME_PREFIX)
-        os.chmod(self.home, 0o700)
-        self._owner_fd = os.open(
-            os.path.join(self.home, OWNER_LOCK),
-            os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-            0o600,
-        )
-        fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
+        self._dir = OwnedDir(GNUPG_HOME_PREFIX, remove=stop_gpg_home)
+        self.home = self._dir.path
 
     def _argv(self, fd, *action):
         return [
@@ -200,10 +245,7 @@ class GpgSession(object):
         return read_fd
 
     def close(self):
-        stop_gpg_home(self.home)
-        if self._owner_fd is not None:
-            os.close(self._owner_fd)
-            self._owner_fd = None
+        self._dir.close()
 
     def __enter__(self):
         return self

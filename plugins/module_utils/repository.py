@@ -26,8 +26,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 
+from . import authentication
 from . import s3 as s3util
 from .errors import ConfigError, StoreError
 
@@ -59,10 +61,51 @@ def latest_file(database):
     return name + ".json"
 
 
-def _pointer_set_id(raw, database):
-    """The set id of a pointer document, if it is this database's pointer."""
-    pointer = json.loads(raw.decode("utf-8"))
-    return pointer.get("set_id") if pointer.get("database") == database else None
+def _pointer_record(raw, database):
+    """A pointer document, if it parses and is this database's pointer."""
+    try:
+        pointer = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(pointer, dict) or pointer.get("database") != database:
+        return None
+    if not isinstance(pointer.get("set_id"), str):
+        return None
+    return pointer
+
+
+def _pointer_set_id(pointer, key):
+    """The set a pointer names: with ``key``, only if its seal holds (a forged or
+    replayed-from-elsewhere pointer must not pin or promote a set)."""
+    if pointer is None:
+        return None
+    if key is not None and authentication.check(pointer, key, "pointer")[0] != (
+        authentication.AUTHENTICATED
+    ):
+        return None
+    return pointer["set_id"]
+
+
+def _open_regular(path):
+    """Open a stored file for reading: never through a symlink in its last component,
+    never blocking on a FIFO a repository writer put there, only a regular file."""
+    fd = os.open(
+        path,
+        os.O_RDONLY
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0),
+    )
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(
+                "%s is not a regular file" % path,
+                "a repository holds only files: someone placed it there, remove it",
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def check_set_id(set_id):
@@ -232,18 +275,41 @@ class LocalRepository(object):
             )
 
     def ensure_layout(self):
+        """Create what is missing (0700: PHI is for the backup user alone); returns
+        warnings. A directory this tool did not create is never changed: a world-writable
+        one is refused (anyone could plant or delete sets), a group/other-accessible one
+        reported."""
+        warnings = []
+        self._refuse_world_writable()
+        if os.path.isdir(self.path):
+            mode = stat.S_IMODE(os.stat(self.path).st_mode)
+            if mode & 0o077:
+                warnings.append(
+                    "repository %s is open to other users (mode %s); its sets hold patient "
+                    "data: chmod 0700 %s (clinic.backup does not change directories it did "
+                    "not create)" % (self.path, oct(mode), self.path)
+                )
         for sub in ("", SETS, LATEST, STAGING):
             path = os.path.join(self.path, sub)
             try:
                 os.makedirs(path, mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise _store_error("create", path, exc) from exc
-        if os.stat(self.path).st_mode & 0o077:
-            # PHI: the repository is for the backup user alone.
-            os.chmod(self.path, 0o700)
+        return warnings
+
+    def _refuse_world_writable(self):
+        if os.path.isdir(self.path):
+            mode = stat.S_IMODE(os.stat(self.path).st_mode)
+            if mode & 0o002:
+                raise ConfigError(
+                    "repository %s is writable by every user (mode %s): anyone could plant or "
+                    "delete backup sets" % (self.path, oct(mode)),
+                    "make it the backup user's alone: chmod 0700 %s" % self.path,
+                )
 
     def check_writable(self):
         """Fail before any work if the repository cannot take a new set."""
+        self._refuse_world_writable()
         parent = self.path
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
@@ -278,7 +344,7 @@ class LocalRepository(object):
     def read_file(self, set_id, filename):
         path = self.location(set_id, filename)
         try:
-            with open(path, "rb") as handle:
+            with _open_regular(path) as handle:
                 return handle.read()
         except OSError as exc:
             if exc.errno == errno.ENOENT:
@@ -288,7 +354,7 @@ class LocalRepository(object):
     def open_artifact(self, set_id, filename):
         path = self.location(set_id, filename)
         try:
-            return open(path, "rb")
+            return _open_regular(path)
         except OSError as exc:
             raise _store_error("open", path, exc) from exc
 
@@ -308,16 +374,20 @@ class LocalRepository(object):
         self.ensure_layout()
         return LocalSetWriter(self, set_id)
 
-    def write_latest(self, database, set_id):
-        pointer = {"database": database, "set_id": set_id}
+    def write_latest(self, database, set_id, pointer=None):
+        """Point ``latest`` at ``set_id``; ``pointer``: the (sealed) record to store."""
+        pointer = pointer or {"database": database, "set_id": set_id}
         atomic_write(os.path.join(self.path, LATEST, latest_file(database)), dump_json(pointer))
 
-    def read_latest(self, database):
+    def read_latest_record(self, database):
         try:
-            with open(os.path.join(self.path, LATEST, latest_file(database)), "rb") as handle:
-                return _pointer_set_id(handle.read(), database)
-        except (OSError, ValueError):
+            with _open_regular(os.path.join(self.path, LATEST, latest_file(database))) as handle:
+                return _pointer_record(handle.read(), database)
+        except (OSError, StoreError):
             return None
+
+    def read_latest(self, database, key=None):
+        return _pointer_set_id(self.read_latest_record(database), key)
 
     def cleanup_incomplete(self, keep=(), older_than_seconds=0):
         """Remove staging leftovers of killed runs. The caller holds the repository lock."""
@@ -464,7 +534,7 @@ class S3Repository(object):
         s3util.check_bucket(self.client, self.bucket)
 
     def ensure_layout(self):
-        pass
+        return []
 
     def set_ids(self):
         keys = s3util.list_keys(self.client, self.bucket, s3util.join_key(self.prefix, SETS) + "/")
@@ -507,24 +577,25 @@ class S3Repository(object):
     def begin(self, set_id):
         return S3SetWriter(self, set_id)
 
-    def write_latest(self, database, set_id):
+    def write_latest(self, database, set_id, pointer=None):
+        """Point ``latest`` at ``set_id``; ``pointer``: the (sealed) record to store."""
         key = s3util.join_key(self.prefix, LATEST, latest_file(database))
         s3util.put_bytes(
             self.client,
             self.bucket,
             key,
-            dump_json({"database": database, "set_id": set_id}),
+            dump_json(pointer or {"database": database, "set_id": set_id}),
             self.extra_args,
         )
 
-    def read_latest(self, database):
+    def read_latest_record(self, database):
         key = s3util.join_key(self.prefix, LATEST, latest_file(database))
         if s3util.object_info(self.client, self.bucket, key) is None:
             return None
-        try:
-            return _pointer_set_id(s3util.get_bytes(self.client, self.bucket, key), database)
-        except ValueError:
-            return None
+        return _pointer_record(s3util.get_bytes(self.client, self.bucket, key), database)
+
+    def read_latest(self, database, key=None):
+        return _pointer_set_id(self.read_latest_record(database), key)
 
     def cleanup_incomplete(self, keep=(), older_than_seconds=0):
         """Abort stale multipart uploads and delete artifacts of sets that never got a manifest."""
@@ -532,11 +603,20 @@ class S3Repository(object):
             seconds=older_than_seconds
         )
         sets_prefix = s3util.join_key(self.prefix, SETS) + "/"
-        removed = [
-            k
-            for k in s3util.abort_stale_uploads(self.client, self.bucket, sets_prefix, cutoff)
-            if k.split("/")[-2] not in keep
-        ]
+
+        def ours(key):
+            # Only what this tool writes: sets/<set id>/<artifact name>. Anything else
+            # under the prefix belongs to someone else and is never deleted here.
+            parts = key[len(sets_prefix) :].split("/") if key.startswith(sets_prefix) else []
+            return (
+                len(parts) == 2
+                and SET_ID_RE.fullmatch(parts[0]) is not None
+                and FILE_NAME_RE.fullmatch(parts[1]) is not None
+                and ".." not in parts[1]
+                and parts[0] not in keep
+            )
+
+        removed = s3util.abort_stale_uploads(self.client, self.bucket, sets_prefix, cutoff, ours)
         by_set = {}
         for key, item in s3util.list_keys(self.client, self.bucket, sets_prefix).items():
             parts = key[len(sets_prefix) :].split("/")
@@ -544,8 +624,10 @@ class S3Repository(object):
                 by_set.setdefault(parts[0], []).append((parts[1], item))
         orphans = []
         for set_id, files in by_set.items():
-            if set_id in keep or any(name == MANIFEST for name, _item in files):
+            if any(name == MANIFEST for name, _item in files):
                 continue
+            if not all(ours(sets_prefix + set_id + "/" + name) for name, _item in files):
+                continue  # not (only) ours: leave the whole folder alone
             if all(item["LastModified"] < cutoff for _name, item in files):
                 orphans.extend(sets_prefix + set_id + "/" + name for name, _item in files)
         if orphans:

@@ -36,8 +36,14 @@ import tarfile
 import tempfile
 import time
 
-from . import pipeline
-from .catalog import list_catalog, load_manifest
+from . import authentication, pipeline, sqlguard
+from .catalog import (
+    check_passphrase_opens,
+    list_catalog,
+    load_manifest,
+    manifest_authentication,
+    unusable_reason,
+)
 from .errors import BackupError, ConfigError, IntegrityError, SourceError, StoreError
 from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
@@ -48,6 +54,7 @@ MODES = ("create", "replace", "rehearse")
 WORK_SUFFIX = "__restoring_"
 PREVIOUS_SUFFIX = "__pre_restore_"
 NAME_LIMIT = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names silently
+OBJECT_IN_USE = "55006"  # SQLSTATE of "database is being accessed by other users"
 COPY_CHUNK = 1024 * 1024
 LOCAL_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
@@ -110,6 +117,8 @@ class RestoreOptions(object):
         check_row_counts=True,
         pg_bin_dir=None,
         scratch_dir=None,
+        allow_unauthenticated=False,
+        allow_unencrypted=False,
     ):
         if mode not in MODES:
             raise ConfigError(
@@ -145,6 +154,11 @@ class RestoreOptions(object):
         self.check_row_counts = bool(check_row_counts)
         self.pg_bin_dir = pg_bin_dir
         self.scratch_dir = scratch_dir
+        # Both are decisions for one run, never defaults: a set without a MAC may be
+        # planted, and an unencrypted one was readable (and writable) by anyone with
+        # access to the repository.
+        self.allow_unauthenticated = bool(allow_unauthenticated)
+        self.allow_unencrypted = bool(allow_unencrypted)
 
 
 def _short(name, limit):
@@ -164,16 +178,38 @@ def previous_database_name(target, moment):
 
 
 # ---------------------------------------------------------------------- choosing a set
-def candidates(repo, options):
+UNENCRYPTED_REASON = "not encrypted: allow_unencrypted: true restores it"
+
+
+def load_explicit(repo, set_id, key, options):
+    """The manifest of a set asked for by id; a wrong passphrase is the operator's error."""
+    try:
+        return load_manifest(repo, set_id, key)
+    except authentication.OtherPassphraseError:
+        raise ConfigError(
+            "the passphrase in %s does not open set %s: it was sealed with another passphrase "
+            "(or forged)" % (options.passphrase_file, set_id),
+            "use the passphrase file this set was written with; nothing was changed",
+        ) from None
+
+
+def candidates(repo, options, key=None):
     """(set ids to try in order, ids passed over and why)."""
     if options.set_id is not None:
+        # Refused before anything is touched: another database's set (mode: replace would
+        # swap its data in), a file set, an unauthenticated or unencrypted one.
+        check_restorable(load_explicit(repo, options.set_id, key, options), options, key)
         return [options.set_id], []
     chosen, passed = [], []
-    for entry in list_catalog(repo, options.database):
+    entries = list_catalog(repo, options.database, key=key)
+    for entry in entries:
         if entry.get("manifest", {}).get("kind") == "files":
             continue  # uploads/config sets: files_restore's, not a database's
-        if entry["state"] != "complete":
-            passed.append({"set_id": entry["id"], "reason": entry.get("error", "corrupt")})
+        reason = unusable_reason(entry, options.allow_unauthenticated)
+        if reason is None and not entry["encrypted"] and not options.allow_unencrypted:
+            reason = UNENCRYPTED_REASON
+        if reason is not None:
+            passed.append({"set_id": entry["id"], "reason": reason})
             continue
         if options.require_verified and entry["verification"] != "ok":
             passed.append(
@@ -191,6 +227,7 @@ def candidates(repo, options):
             continue
         chosen.append(entry["id"])
     if not chosen:
+        check_passphrase_opens(entries, repo, options.passphrase_file)
         what = "no complete%s backup set%s%s in %s" % (
             " verified" if options.require_verified else "",
             " of database %r" % options.database if options.database else "",
@@ -238,7 +275,9 @@ class Server(object):
             cur = self.conn.cursor()
             cur.execute(statement, args)
         except psycopg2.Error as exc:
-            raise SourceError("%s failed: %s" % (what, " ".join(str(exc).split()))) from exc
+            error = SourceError("%s failed: %s" % (what, " ".join(str(exc).split())))
+            error.sqlstate = exc.pgcode
+            raise error from exc
 
     def exists(self, name):
         return bool(self.query("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
@@ -290,7 +329,7 @@ class Server(object):
                 self.execute(statement, what="renaming database %s to %s" % (old, new))
                 return
             except SourceError as exc:
-                if "being accessed by other users" not in str(exc) or attempt == 49:
+                if getattr(exc, "sqlstate", None) != OBJECT_IN_USE or attempt == 49:
                     raise
                 self.disconnect_all(old)
                 time.sleep(0.1)
@@ -549,8 +588,15 @@ def _restore_database(repo, set_id, manifest, work, options, gpg_session, bin_di
     if content == "pg_dump-plain":
         if options.no_owner:
             warnings.append("no_owner has no effect on a plain-format dump")
-        stage = pipeline.Stage("psql", _psql_argv(bin_dir, work), env=env)
-        return _stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=stage)
+        code, errors, size = _run_script(
+            repo, set_id, artifact, manifest, gpg_session, _psql_argv(bin_dir, work), env
+        )
+        if code != 0:
+            raise SourceError(
+                "psql failed with exit code %d: %s"
+                % (code, errors[-pipeline.STDERR_TAIL :].strip() or "no message")
+            )
+        return size
     if content == "pg_dump-directory-tar":
         # pg_restore needs the directory on disk: a private scratch directory,
         # removed whatever happens.
@@ -580,26 +626,59 @@ def _restore_database(repo, set_id, manifest, work, options, gpg_session, bin_di
     raise IntegrityError("set %s holds an unknown database artifact %r" % (set_id, content))
 
 
+def _run_script(repo, set_id, artifact, manifest, gpg_session, argv, env):
+    """Stream a plain SQL artifact into psql in restricted mode (sqlguard); returns
+    (exit code, stderr text, stored bytes). A script holding a meta-command was not
+    written by pg_dump: IntegrityError, the set is damaged or planted."""
+    sqlguard.check_psql_restricts(argv[0])
+    feeder = sqlguard.PsqlFeeder(argv, env)
+    try:
+        size = _stream_into(repo, set_id, artifact, manifest, gpg_session, consumer=feeder)
+    except BaseException:
+        feeder.abort()
+        raise
+    code, errors = feeder.finish()
+    if feeder.guard.found:
+        raise IntegrityError(
+            "%s holds a psql meta-command (%s): pg_dump never writes one there; psql refused "
+            "it (restricted mode)" % (repo.location(set_id, artifact["file"]), feeder.guard.found),
+            "the set was tampered with: restore another set and find out who can write to the "
+            "repository",
+        )
+    return code, errors, size
+
+
 def _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir):
-    """Replay roles and tablespaces; roles that exist already are kept as they are."""
+    """Replay roles and tablespaces; roles that exist already are kept as they are.
+
+    Errors are told apart by SQLSTATE (42710 duplicate_object: already there), never by
+    their text, which the server translates (lc_messages)."""
     artifact = _artifact(manifest, "globals")
     if artifact is None:
         return {"applied": False, "detail": "the set holds no globals"}
-    stage = pipeline.Stage(
-        "psql (globals)",
+    code, stderr_text, _size = _run_script(
+        repo,
+        set_id,
+        artifact,
+        manifest,
+        gpg_session,
         _psql_argv(bin_dir, server.connection, stop_on_error=False),
-        env=server.connection.child_env(),
+        server.connection.child_env(),
     )
-    _stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=stage)
-    errors = [
-        line.split("ERROR:", 1)[1].strip()
-        for line in stage.stderr_tail().splitlines()
-        if "ERROR:" in line
-    ]
+    errors = sqlguard.server_errors(stderr_text)
+    if code != 0 and not errors:
+        raise SourceError(
+            "psql (globals) failed with exit code %d: %s"
+            % (code, stderr_text[-pipeline.STDERR_TAIL :].strip() or "no message")
+        )
     return {
         "applied": True,
-        "already_present": [e for e in errors if "already exists" in e],
-        "errors": [e for e in errors if "already exists" not in e],
+        "already_present": [m for state, m in errors if state == sqlguard.DUPLICATE_OBJECT],
+        "errors": [
+            "%s (SQLSTATE %s)" % (m, state)
+            for state, m in errors
+            if state != sqlguard.DUPLICATE_OBJECT
+        ],
         "role_passwords": bool(artifact.get("role_passwords")),
     }
 
@@ -615,10 +694,64 @@ def _check_other_artifacts(repo, set_id, manifest, gpg_session, bin_dir):
 
 
 # ---------------------------------------------------------------------- one attempt
+KIND_NAMES = {"database": "a database backup", "files": "a file set (uploads or configuration)"}
+
+
+def check_restorable(manifest, options, key, kind="database", name_option="database"):
+    """Refuse a set of another kind or database, an unauthenticated or an unencrypted
+    one unless this run allows it (ConfigError: the operator's call); returns warnings."""
+    set_id = manifest["id"]
+    if manifest.get("kind", "database") != kind:
+        raise ConfigError(
+            "set %s is %s, not %s"
+            % (set_id, KIND_NAMES.get(manifest.get("kind"), "a database backup"), KIND_NAMES[kind]),
+            "restore it with clinic.backup.%s"
+            % ("files_restore" if kind == "database" else "backup_restore"),
+        )
+    wanted = getattr(options, name_option, None)
+    if wanted is not None and manifest["database"] != wanted:
+        raise ConfigError(
+            "set %s is a backup of %r, not of %r" % (set_id, manifest["database"], wanted),
+            "leave %s out or give the set's own %s" % (name_option, name_option),
+        )
+    warnings = []
+    outcome = manifest_authentication(manifest, key)
+    if outcome != authentication.AUTHENTICATED:
+        if not options.allow_unauthenticated:
+            raise ConfigError(
+                "set %s is not authenticated (%s)"
+                % (
+                    set_id,
+                    "no passphrase_file to check it with"
+                    if outcome == authentication.NOT_CHECKED
+                    else "its manifest carries no MAC",
+                ),
+                "it was written before clinic.backup sealed its records, or planted by someone "
+                "who can write to the repository: if you know it is yours, restore it with "
+                "allow_unauthenticated: true",
+            )
+        warnings.append(
+            "set %s is NOT authenticated: nothing proves it was written by clinic.backup with "
+            "this passphrase (restored because allow_unauthenticated is set)" % set_id
+        )
+    if manifest["encryption"]["method"] == "none":
+        if not options.allow_unencrypted:
+            raise ConfigError(
+                "set %s is not encrypted" % set_id,
+                "anyone with access to the repository could read or rewrite it: if you know it "
+                "is yours, restore it with allow_unencrypted: true",
+            )
+        warnings.append(
+            "set %s is not encrypted (restored because allow_unencrypted is set)" % set_id
+        )
+    return warnings
+
+
 def _attempt(repo, set_id, server, connection, options, state, bin_dir, now):
     """Restore one set into a fresh work database (named in ``state["work"]`` before it
     is created, so a failure can always drop it); returns the result."""
-    manifest = load_manifest(repo, set_id)
+    manifest = load_manifest(repo, set_id, state.get("key"))
+    warnings = check_restorable(manifest, options, state.get("key"))
     for artifact in manifest["artifacts"]:
         if repo.artifact_size(set_id, artifact["file"]) is None:
             raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
@@ -631,7 +764,6 @@ def _attempt(repo, set_id, server, connection, options, state, bin_dir, now):
             )
         state["gpg"] = pipeline.GpgSession(load_passphrase(options.passphrase_file))
     gpg_session = state.get("gpg")
-    warnings = []
     result = {"set_id": set_id, "database": manifest["database"], "format": manifest["format"]}
     if options.include_globals:
         result["globals"] = _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir)
@@ -712,9 +844,10 @@ def run_restore(repo, connection, options, check_mode=False, now=None):
     now = now or utc_now()
     clock = time.time()
     damaged = []
-    to_try, passed = candidates(repo, options)
+    key = authentication.RecordKey.from_file(options.passphrase_file)
+    to_try, passed = candidates(repo, options, key)
     server = Server(connection)
-    state = {}
+    state = {"key": key}
     try:
         server.check_can_create()
         target_exists = server.exists(options.target_database)

@@ -279,8 +279,14 @@ def apply_retention(
     now=None,
     stale_seconds=3600,
     lock_paths=None,
+    key=None,
 ):
     """Apply ``policy`` to one repository (LocalRepository or S3Repository).
+
+    ``key`` (authentication.RecordKey of the passphrase): a set whose manifest fails
+    its MAC is corrupt (left alone, never counted as a kept set), a verification record
+    or ``latest`` pointer that fails its MAC counts for nothing. Without it nothing is
+    authenticated, and the result warns.
 
     Holds the repository lock(s) (``lock_paths``, by default those of ``repo``) for
     the whole run, so it never races a backup: a held lock raises LockedError.  In
@@ -309,11 +315,11 @@ def apply_retention(
             # briefly could make a backup starting at that moment fail.
             for path in lock_paths:
                 stack.enter_context(RunLock(path))
-        return _apply_locked(repo, policy, database, check_mode, now, stale_seconds)
+        return _apply_locked(repo, policy, database, check_mode, now, stale_seconds, key)
 
 
-def _apply_locked(repo, policy, database, check_mode, now, stale_seconds):
-    entries = list_catalog(repo)
+def _apply_locked(repo, policy, database, check_mode, now, stale_seconds, key):
+    entries = list_catalog(repo, key=key)
     databases = sorted(
         {
             e["database"]
@@ -323,7 +329,7 @@ def _apply_locked(repo, policy, database, check_mode, now, stale_seconds):
     )
     pinned = {}
     for name in databases:
-        pointer = repo.read_latest(name)
+        pointer = repo.read_latest(name, key)
         if pointer:
             pinned[pointer] = "latest pointer"
     decisions = plan(entries, policy, now=now, database=database, pinned=pinned)
@@ -340,6 +346,11 @@ def _apply_locked(repo, policy, database, check_mode, now, stale_seconds):
     if corrupt:
         warnings.append(
             "%d corrupt set(s) in %s left alone: %s" % (len(corrupt), repo.url, ", ".join(corrupt))
+        )
+    if key is None:
+        warnings.append(
+            "sets in %s were not authenticated (no passphrase_file): a planted or altered set "
+            "would count like a real one" % repo.url
         )
     complete_ids = {e["id"] for e in entries if e.get("state") == "complete"}
     to_delete = [d["id"] for d in decisions if d["action"] == DELETE]

@@ -237,17 +237,19 @@ def delete_keys(client, bucket, keys):
 
 
 @s3_errors("multipart cleanup")
-def abort_stale_uploads(client, bucket, prefix, older_than=None):
+def abort_stale_uploads(client, bucket, prefix, older_than=None, select=None):
     """Abort unfinished multipart uploads under ``prefix`` (left by a killed run).
 
-    ``older_than``: only uploads initiated before this aware datetime.
-    Returns the keys whose uploads were aborted.
+    ``older_than``: only uploads initiated before this aware datetime; ``select``: only
+    keys for which it returns true. Returns the keys whose uploads were aborted.
     """
     aborted = []
     paginator = client.get_paginator("list_multipart_uploads")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for upload in page.get("Uploads", []):
             if older_than is not None and upload["Initiated"] >= older_than:
+                continue
+            if select is not None and not select(upload["Key"]):
                 continue
             client.abort_multipart_upload(
                 Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]

@@ -18,8 +18,8 @@ import posixpath
 import subprocess
 import tempfile
 
-from . import pipeline
-from .catalog import list_catalog, load_manifest
+from . import authentication, pipeline, sqlguard
+from .catalog import list_catalog, load_manifest, manifest_authentication
 from .errors import BackupError, ConfigError, IntegrityError
 from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
@@ -46,16 +46,19 @@ class Check(object):
 
 
 class TailKeeper(object):
-    """Consumer that keeps the last bytes of a stream (to find a SQL trailer)."""
+    """Consumer of a SQL script: keeps its last bytes (to find the trailer) and names the
+    first psql meta-command outside COPY data (pg_dump writes none there)."""
 
     def __init__(self, keep=4096):
         self.keep = keep
         self.tail = b""
         self.size = 0
+        self.guard = sqlguard.MetaCommandGuard()
 
     def __call__(self, chunk):
         self.size += len(chunk)
         self.tail = (self.tail + chunk)[-self.keep :]
+        self.guard(chunk)
 
 
 def unsafe_tar_member(name):
@@ -217,6 +220,12 @@ def _check_content(content, consumer, expected_files=None):
                 return FAIL, "tar member %r is unsafe (%s)" % (name, why)
         return OK, "tar archive lists %d files including toc.dat" % len(consumer.names)
     trailer = GLOBALS_TRAILER if content == "pg_dumpall-globals" else PLAIN_TRAILER
+    consumer.guard.flush()
+    if consumer.guard.found:
+        return FAIL, (
+            "SQL script holds a psql meta-command (%s): pg_dump never writes one there; the "
+            "set was tampered with" % consumer.guard.found
+        )
     if trailer not in consumer.tail:
         return FAIL, "SQL script is truncated (no '%s' trailer)" % trailer.decode()
     return OK, "SQL script complete (%d bytes)" % consumer.size
@@ -311,7 +320,7 @@ def _median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2.0
 
 
-def size_check(repo, manifest, tolerance_percent, history=7):
+def size_check(repo, manifest, tolerance_percent, history=7, key=None):
     """Compare the database artifact (a file set's archive) with the median of recent sets
     of the same kind."""
     main = "files" if manifest.get("kind") == "files" else "database"
@@ -320,7 +329,7 @@ def size_check(repo, manifest, tolerance_percent, history=7):
         return sum(a["size"] for a in m["artifacts"] if a["name"] == main)
 
     previous = []
-    for entry in list_catalog(repo, manifest["database"]):
+    for entry in list_catalog(repo, manifest["database"], key=key):
         if entry["state"] != "complete" or entry["id"] >= manifest["id"]:
             continue
         other = entry["manifest"]
@@ -361,11 +370,18 @@ def verify_set(
     pg_bin_dir=None,
     record=True,
     now=None,
+    allow_unauthenticated=False,
 ):
-    """Run every check on one set (default: the newest) and record the outcome."""
+    """Run every check on one set (default: the newest) and record the outcome.
+
+    With a passphrase_file the manifest's MAC is checked (a set without one fails the
+    ``authentication`` check unless ``allow_unauthenticated``) and the outcome is
+    recorded sealed, bound to this set and manifest."""
     now = now or utc_now()
+    passphrase = load_passphrase(passphrase_file) if passphrase_file else None
+    key = authentication.RecordKey(passphrase) if passphrase else None
     if set_id is None:
-        entries = list_catalog(repo, database)
+        entries = list_catalog(repo, database, key=key)
         if not entries:
             raise IntegrityError(
                 "no backup set%s found in %s"
@@ -375,15 +391,23 @@ def verify_set(
         set_id = entries[0]["id"]
     checks = []
     try:
-        manifest = load_manifest(repo, set_id)
+        manifest = load_manifest(repo, set_id, key)
+    except authentication.OtherPassphraseError:
+        # Most often the wrong passphrase file: an operator error must not mark the set.
+        raise ConfigError(
+            "the passphrase in %s does not open set %s: it was sealed with another passphrase "
+            "(or forged)" % (passphrase_file, set_id),
+            "use the passphrase file this set was written with; nothing was recorded",
+        ) from None
     except IntegrityError as exc:
         checks.append(Check("manifest", FAIL, str(exc), "manifest.json"))
-        return _finish(repo, set_id, checks, record, now)
+        return _finish(repo, set_id, checks, record, now, key=key)
     checks.append(
         Check(
             "manifest", OK, "manifest present and valid (%d artifacts)" % len(manifest["artifacts"])
         )
     )
+    checks.append(_authentication_check(manifest, key, allow_unauthenticated))
     encrypted = manifest["encryption"].get("method") != "none"
     gpg_session = None
     if deep and encrypted:
@@ -392,7 +416,7 @@ def verify_set(
                 "set %s is encrypted: a passphrase_file is needed for the decrypt test" % set_id,
                 "set passphrase_file, or deep: false for checksums only",
             )
-        gpg_session = pipeline.GpgSession(load_passphrase(passphrase_file))
+        gpg_session = pipeline.GpgSession(passphrase)
     try:
         # A file set needs tar, not PostgreSQL's tools (a web host may have none).
         needs_pg = deep and manifest.get("kind") != "files"
@@ -411,11 +435,30 @@ def verify_set(
             Check("age", status, "finished %.1f hours ago (limit %.1f)" % (age, max_age_hours))
         )
     if size_tolerance_percent:
-        checks.append(size_check(repo, manifest, size_tolerance_percent))
-    return _finish(repo, set_id, checks, record, now, manifest)
+        checks.append(size_check(repo, manifest, size_tolerance_percent, key=key))
+    return _finish(repo, set_id, checks, record, now, manifest, key)
 
 
-def _finish(repo, set_id, checks, record, now, manifest=None):
+def _authentication_check(manifest, key, allow_unauthenticated):
+    outcome = manifest_authentication(manifest, key)
+    if outcome == authentication.AUTHENTICATED:
+        return Check("authentication", OK, "manifest authenticated (MAC keyed from the passphrase)")
+    if outcome == authentication.NOT_CHECKED:
+        return Check(
+            "authentication",
+            WARN,
+            "manifest MAC not checked: no passphrase_file given (the outcome is not recorded)",
+        )
+    return Check(
+        "authentication",
+        WARN if allow_unauthenticated else FAIL,
+        "manifest carries no MAC: written before clinic.backup sealed its records, or planted "
+        "by someone who can write to the repository%s"
+        % ("" if allow_unauthenticated else " (allow_unauthenticated: true accepts it)"),
+    )
+
+
+def _finish(repo, set_id, checks, record, now, manifest=None, key=None):
     failed = [c for c in checks if c.status == FAIL]
     outcome = {
         "set_id": set_id,
@@ -427,11 +470,20 @@ def _finish(repo, set_id, checks, record, now, manifest=None):
         "checks": [c.as_dict() for c in checks],
         "failures": [c.detail for c in failed],
     }
+    manifest_mac = authentication.record_mac(manifest) if manifest else None
+    if record and key is None and manifest_mac is not None:
+        # An unsealed record would replace a sealed one and count for nothing.
+        record = False
+        outcome["warnings"] = [
+            "the result was not recorded: without passphrase_file it cannot be sealed"
+        ]
     if record:
+        if key is not None and manifest:
+            key.adopt_salt(manifest, "manifest")  # one salt per set: one key derivation
+        data = {k: outcome[k] for k in ("state", "verified_at", "checks")}
+        data.update({"set_id": set_id, "manifest_mac": manifest_mac})
         try:
-            repo.write_verification(
-                set_id, {k: outcome[k] for k in ("state", "verified_at", "checks")}
-            )
+            repo.write_verification(set_id, authentication.seal(data, key, "verification"))
         except (BackupError, OSError) as exc:
             outcome["warnings"] = ["could not record the verification result: %s" % exc]
     return outcome

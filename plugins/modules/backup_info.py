@@ -18,6 +18,9 @@ description:
     verification (see M(clinic.backup.backup_verify)). A set whose manifest cannot be read is listed with
     RV(sets[].state=corrupt) and the error, and a warning names it; it is never RV(newest).
   - A set held in both places is listed once per place (RV(sets[].repository) tells which).
+  - With O(passphrase_file) every manifest and verification record is authenticated
+    (RV(sets[].authentication)); one that fails is listed as corrupt or forged. Without it nothing is
+    authenticated and a warning says so. RV(newest) is never a set whose manifest carries no MAC.
   - Never changes anything; reads the same in check mode.
   - O(sse), O(kms_key_id) and O(storage_class) only matter to modules that upload; they are accepted here so
     that one set of S3 variables serves every module.
@@ -25,6 +28,7 @@ author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.authentication
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -141,8 +145,19 @@ sets:
     encrypted:
       description: Whether the artifacts are encrypted.
       type: bool
+    authentication:
+      description:
+        - V(ok) when the manifest's MAC holds under the key of O(passphrase_file), V(none) when it carries
+          no MAC (written before records were sealed, or planted), V(not checked) without O(passphrase_file).
+      type: str
     verification:
-      description: Outcome of the last verification (V(ok), V(failed), V(unverified) or V(unknown)).
+      description:
+        - Outcome of the last verification (V(ok), V(failed), V(unverified) or V(unknown)).
+        - With O(passphrase_file), V(forged) for a record whose MAC fails or that belongs to another set,
+          and V(unverified) for an unsealed record beside a sealed manifest.
+      type: str
+    verification_detail:
+      description: Why a verification record was not trusted, when it was not.
       type: str
     verified_at:
       description: UTC time of the last verification, or null.
@@ -185,6 +200,7 @@ repositories:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.catalog import list_catalog
 from ansible_collections.clinic.backup.plugins.module_utils.catalog_report import (
     build_report,
@@ -194,6 +210,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.catalog_report impor
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AWS_CREDENTIAL_ARGS,
+    PASSPHRASE_ARGS,
     S3_LOCATION_ARGS,
     error_result,
     missing_library,
@@ -205,6 +222,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.repository import ut
 def argument_spec():
     spec = dict(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
+    spec.update(PASSPHRASE_ARGS)
     spec.update(
         repository=dict(type="path"),
         database=dict(type="str"),
@@ -230,8 +248,9 @@ def main():
     try:
         check_options(params["limit"], params["max_age_hours"])
         repos = repositories_from_params(params)
+        key = RecordKey.from_file(params["passphrase_file"])
         report = build_report(
-            merge_entries(*(list_catalog(repo) for repo in repos)),
+            merge_entries(*(list_catalog(repo, key=key) for repo in repos)),
             utc_now(),
             database=params["database"],
             limit=params["limit"],
@@ -242,6 +261,11 @@ def main():
         )
     except BackupError as exc:
         module.fail_json(**error_result(exc))
+    if key is None:
+        report["warnings"].append(
+            "sets were not authenticated (no passphrase_file): a set planted or altered by "
+            "someone who can write to the repository would be listed like a real one"
+        )
     for warning in report.pop("warnings"):
         module.warn(warning)
     module.exit_json(changed=False, repositories=[repo.url for repo in repos], **report)

@@ -24,11 +24,17 @@ description:
   - Without O(set_id) the newest complete set is taken; a set that turns out damaged (missing artifact,
     sha256 mismatch, rows missing) is passed over for the next older one and reported in RV(damaged).
   - A wrong passphrase, a server error or bad input stops at once, never falls back to older data.
+  - Only sets whose manifest MAC holds under the passphrase's key are taken, and only encrypted ones
+    (see O(allow_unauthenticated), O(allow_unencrypted)). Plain SQL scripts run in C(psql) restricted mode
+    (C(\restrict)), so a meta-command in a script is refused and the set reported as tampered with.
 author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - clinic.backup.audit
+  - clinic.backup.authentication
+  - clinic.backup.authentication.unauthenticated
+  - clinic.backup.authentication.restore
   - clinic.backup.connection
   - clinic.backup.s3
   - clinic.backup.s3.location
@@ -80,9 +86,6 @@ options:
     description: Without O(set_id), try the next older set when the chosen one is damaged.
     type: bool
     default: true
-  passphrase_file:
-    description: File holding the encryption passphrase (mode V(0600) or stricter).
-    type: path
   jobs:
     description: Parallel C(pg_restore) jobs (directory-format sets only).
     type: int
@@ -216,6 +219,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
     CONNECTION_ARGS,
+    RESTORE_AUTHENTICATION_ARGS,
     S3_LOCATION_ARGS,
     connection_from_params,
     exit_audited,
@@ -237,6 +241,8 @@ OPTION_KEYS = (
     "not_after",
     "fallback",
     "passphrase_file",
+    "allow_unauthenticated",
+    "allow_unencrypted",
     "jobs",
     "include_globals",
     "no_owner",
@@ -253,6 +259,7 @@ def argument_spec():
     spec.update(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
     spec.update(AUDIT_ARGS)
+    spec.update(RESTORE_AUTHENTICATION_ARGS)
     spec.update(
         repository=dict(type="path"),
         set_id=dict(type="str"),
@@ -263,7 +270,6 @@ def argument_spec():
         require_verified=dict(type="bool", default=False),
         not_after=dict(type="str"),
         fallback=dict(type="bool", default=True),
-        passphrase_file=dict(type="path", no_log=False),
         jobs=dict(type="int", default=1),
         include_globals=dict(type="bool", default=False),
         owner=dict(type="str"),

@@ -33,6 +33,7 @@ author:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - clinic.backup.audit
+  - clinic.backup.authentication
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -173,10 +174,12 @@ repositories:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
+    PASSPHRASE_ARGS,
     S3_LOCATION_ARGS,
     error_result,
     exit_audited,
@@ -196,6 +199,7 @@ def argument_spec():
     spec = dict(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
     spec.update(AUDIT_ARGS)
+    spec.update(PASSPHRASE_ARGS)
     spec.update(
         repository=dict(type="path"),
         database=dict(type="str"),
@@ -270,6 +274,7 @@ def main():
         )
         repositories = repositories_from_params(params)
         lock_paths = lock_paths_for(repositories)
+        key = RecordKey.from_file(params["passphrase_file"])
         for repo in repositories:
             try:
                 results.append(
@@ -280,6 +285,7 @@ def main():
                         check_mode=module.check_mode,
                         stale_seconds=params["stale_seconds"],
                         lock_paths=lock_paths,
+                        key=key,
                     )
                 )
             except BackupError as exc:

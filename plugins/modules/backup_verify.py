@@ -18,6 +18,10 @@ description:
     (C(pg_restore --list) for custom dumps, a safe tar listing with C(toc.dat) for directory dumps, the
     end-of-dump trailer for SQL scripts), that the set is not older than O(max_age_hours), and that its
     size is in line with the recent sets of the same kind.
+  - With O(passphrase_file) the manifest's MAC is checked (check C(authentication)); a set without one fails
+    unless O(allow_unauthenticated=true). O(passphrase_file) is needed when O(deep=true) for encrypted sets,
+    and to record the outcome of an authenticated set (the record is sealed too).
+  - A plain SQL script holding a C(psql) meta-command outside COPY data fails (pg_dump writes none there).
   - Each artifact is read once; the result of every check is returned and recorded next to the set, so
     the catalog shows which sets are verified.
 author:
@@ -25,6 +29,8 @@ author:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - clinic.backup.audit
+  - clinic.backup.authentication
+  - clinic.backup.authentication.unauthenticated
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -45,9 +51,6 @@ options:
   database:
     description: Only consider sets of this database when choosing the newest.
     type: str
-  passphrase_file:
-    description: File holding the encryption passphrase (mode V(0600) or stricter). Needed when O(deep=true).
-    type: path
   deep:
     description: Decrypt, decompress and parse every artifact. With V(false) only sizes and sha256 are checked.
     type: bool
@@ -131,6 +134,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
+    AUTHENTICATION_ARGS,
     AWS_CREDENTIAL_ARGS,
     S3_LOCATION_ARGS,
     exit_audited,
@@ -145,11 +149,11 @@ def argument_spec():
     spec = dict(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
     spec.update(AUDIT_ARGS)
+    spec.update(AUTHENTICATION_ARGS)
     spec.update(
         repository=dict(type="path"),
         set_id=dict(type="str"),
         database=dict(type="str"),
-        passphrase_file=dict(type="path", no_log=False),
         deep=dict(type="bool", default=True),
         max_age_hours=dict(type="float", default=25.0),
         size_tolerance_percent=dict(type="float", default=50.0),
@@ -182,6 +186,7 @@ def main():
             size_tolerance_percent=params["size_tolerance_percent"],
             pg_bin_dir=params["pg_bin_dir"],
             record=params["record"] and not module.check_mode,
+            allow_unauthenticated=params["allow_unauthenticated"],
         )
     except BackupError as exc:
         fail_audited(module, "verify", exc)

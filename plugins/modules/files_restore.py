@@ -38,6 +38,9 @@ author:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - clinic.backup.audit
+  - clinic.backup.authentication
+  - clinic.backup.authentication.unauthenticated
+  - clinic.backup.authentication.restore
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -74,9 +77,6 @@ options:
     type: str
     choices: [create, replace, rehearse]
     default: create
-  passphrase_file:
-    description: File holding the encryption passphrase (mode V(0600) or stricter).
-    type: path
   preserve_owner:
     description:
       - Restore the numeric owner and group of every entry. Needs root; without root a warning is given
@@ -208,6 +208,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.files import restore
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
+    RESTORE_AUTHENTICATION_ARGS,
     S3_LOCATION_ARGS,
     exit_audited,
     fail_audited,
@@ -220,13 +221,13 @@ def argument_spec():
     spec = dict(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
     spec.update(AUDIT_ARGS)
+    spec.update(RESTORE_AUTHENTICATION_ARGS)
     spec.update(
         repository=dict(type="path"),
         name=dict(type="str"),
         set_id=dict(type="str"),
         target_dir=dict(type="path", required=True),
         mode=dict(type="str", default="create", choices=["create", "replace", "rehearse"]),
-        passphrase_file=dict(type="path", no_log=False),
         preserve_owner=dict(type="bool", default=False),
         fallback=dict(type="bool", default=True),
     )
@@ -256,6 +257,8 @@ def main():
             check_mode=module.check_mode,
             preserve_owner=params["preserve_owner"],
             fallback=params["fallback"],
+            allow_unauthenticated=params["allow_unauthenticated"],
+            allow_unencrypted=params["allow_unencrypted"],
         )
     except BackupError as exc:
         fail_audited(module, action, exc)

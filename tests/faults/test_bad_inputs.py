@@ -44,7 +44,8 @@ from testbed.faultproxy import FaultProxy
 from testbed.files import write_private
 from testbed.s3 import MotoS3Server
 
-from ansible_collections.clinic.backup.plugins.module_utils import catalog
+from ansible_collections.clinic.backup.plugins.module_utils import authentication, catalog
+from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.pgsource import PgConnection
 from ansible_collections.clinic.backup.plugins.module_utils.repository import (
@@ -712,7 +713,7 @@ def build_directory_set(
 ) -> tuple[str, Path]:
     """A directory-format set with a real-looking tar (toc.dat + data files + ``extra``),
     compressed with zstd and encrypted with gpg and the right passphrase, manifest with the
-    correct sha256 and size."""
+    correct sha256 and size, sealed with the passphrase's key."""
     stream = io.BytesIO()
     with tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for member in [_member("./toc.dat"), _member("./3000.dat")] + extra:
@@ -761,6 +762,8 @@ def build_directory_set(
         "finished_at": isoformat(utc_now()),
         "options": {},
     }
+    # Sealed with the passphrase: whoever crafted it knew it, so only the tar checks stand.
+    manifest = authentication.seal(manifest, RecordKey.from_file(str(passphrase_file)), "manifest")
     (set_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return set_id, artifact
 
@@ -932,7 +935,7 @@ def test_wrong_passphrase_on_restore_fails_clearly_and_changes_nothing(
     wrong = write_private(tmp_path / "wrong-passphrase", secrets.token_urlsafe(32).encode() + b"\n")
     before_tree, before_dbs = faultlib.tree_digest(good_repo), _databases(pg)
     text, ok = _rehearse(pg, good_repo, wrong)
-    clear = not ok and "passphrase does not decrypt" in text
+    clear = not ok and "sealed with another passphrase" in text
     row = summary_row("bad input: wrong passphrase on restore")
     row.bad_input(clear)
     row.reported(ok, False)

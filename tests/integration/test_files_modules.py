@@ -25,6 +25,8 @@ import pytest
 from testbed.dataset import make_config_files, make_uploads
 from testbed.files import write_passphrase_file
 
+from ansible_collections.clinic.backup.plugins.module_utils import authentication
+from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.repository import (
     isoformat,
     new_set_id,
@@ -290,7 +292,7 @@ def _info(name, kind=tarfile.REGTYPE, data=b"", linkname=""):
 
 def build_file_set(repo: Path, passphrase_file: Path, extra) -> str:
     """A file set of one directory whose tar (zstd + gpg with the right passphrase, correct
-    sha256, size, count and bytes in the manifest) holds two good files plus ``extra``."""
+    sha256, size, count and bytes in the sealed manifest) holds two good files plus ``extra``."""
     entries = [
         _info("0-uploads", tarfile.DIRTYPE),
         _info("0-uploads/scan.dcm", data=b"DICM scan"),
@@ -348,6 +350,8 @@ def build_file_set(repo: Path, passphrase_file: Path, extra) -> str:
         "finished_at": isoformat(utc_now()),
         "options": {},
     }
+    # Sealed with the passphrase: whoever crafted it knew it, so only the tar checks stand.
+    manifest = authentication.seal(manifest, RecordKey.from_file(str(passphrase_file)), "manifest")
     (set_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return set_id
 
@@ -435,7 +439,7 @@ def test_crafted_sets_and_bad_input_fail_clearly_and_change_nothing(
                 target_dir=str(tmp_path / "out"),
                 passphrase_file=str(wrong),
             ),
-            ["passphrase does not decrypt"],
+            ["does not open set", "sealed with another passphrase"],
         ),
     }
     tasks += [dict(task, ignore_errors=True) for task, _words in bad.values()]

@@ -227,7 +227,7 @@ def test_wrong_passphrase_stops_without_falling_back(
         ]
     ).result("restore")
     assert result["_status"] == "failed"
-    assert "passphrase does not decrypt" in result["msg"]
+    assert "sealed with another passphrase" in result["msg"]
     assert "damaged before" not in result["msg"]
     assert databases(pg) == before
 

@@ -390,11 +390,17 @@ def _manifest(kind=None, names=("files",)):
         "compression": {"algorithm": "zstd"},
         "encryption": {"method": "none"},
         "artifacts": [
-            {"name": n, "file": "uploads.tar.zst", "content": "files-tar", "size": 1, "sha256": "0"}
-            for n in names
+            {
+                "name": n,
+                "file": "uploads-%d.tar.zst" % i,
+                "content": "files-tar",
+                "size": 1,
+                "sha256": "0" * 64,
+            }
+            for i, n in enumerate(names)
         ],
-        "started_at": "x",
-        "finished_at": "x",
+        "started_at": "2026-11-22T01:00:00.000000Z",
+        "finished_at": "2026-11-22T01:00:05.000000Z",
     }
     if kind:
         data["kind"] = kind
@@ -497,12 +503,13 @@ def test_restore_falls_back_to_the_older_set_when_the_newest_is_damaged(sample, 
     data = bytearray(artifact.read_bytes())
     data[len(data) // 2] ^= 0xFF
     artifact.write_bytes(bytes(data))
-    result = files.restore_files(repo, str(tmp_path / "out"), mode="rehearse")
+    plain = {"allow_unauthenticated": True, "allow_unencrypted": True}
+    result = files.restore_files(repo, str(tmp_path / "out"), mode="rehearse", **plain)
     assert result["set_id"] == older
     assert [d["set_id"] for d in result["damaged"]] == [newer["set_id"]]
     assert not (tmp_path / "out").exists()
     with pytest.raises(IntegrityError, match="sha256"):
-        files.restore_files(repo, str(tmp_path / "out"), set_id=newer["set_id"])
+        files.restore_files(repo, str(tmp_path / "out"), set_id=newer["set_id"], **plain)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "uploads"]
 
 

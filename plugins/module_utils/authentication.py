@@ -1,0 +1,207 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Records a repository writer cannot forge: manifests, verification records and
+``latest`` pointers carry a MAC keyed from the backup passphrase.
+
+Someone who can write to the bucket (leaked S3 keys: the ransomware case) but does
+not know the passphrase could otherwise plant a set, mark a set verified, or pass
+an older set off as the newest.  Every record is sealed with HMAC-SHA256 over its
+canonical JSON (sorted keys, no whitespace, ASCII) and the purpose of the record,
+under a key derived from the passphrase with scrypt and a salt stored beside the
+MAC.  The key is never the passphrase itself, and the scrypt cost keeps a MAC from
+being a cheaper oracle for guessing the passphrase than the gpg artifacts are.
+
+A manifest binds the set id, database (file-group name) and kind, timestamps,
+options, row counts and every artifact's name, file, size and sha256: everything
+in it.  A verification record binds its set id and the MAC of the manifest it
+checked; a pointer binds the database, the set id and that manifest's MAC.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import hashlib
+import hmac
+import json
+import os
+import re
+
+from .errors import IntegrityError
+from .passphrase import load_passphrase
+
+FIELD = "authentication"
+SCHEME = "hmac-sha256/scrypt"
+# The only parameters accepted on reading: a record naming a huge cost must not make
+# the reader spend minutes and gigabytes deriving a key.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+KEY_LABEL = b"clinic.backup record key v1"
+KEY_ID_LABEL = b"clinic.backup key id v1"
+PURPOSES = ("manifest", "verification", "pointer")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+# Outcomes of check(): a valid MAC, no MAC at all (written before records were
+# sealed, or planted), and no key to check with.
+AUTHENTICATED, UNSEALED, NOT_CHECKED = "ok", "none", "not checked"
+OTHER_PASSPHRASE = (
+    "it was sealed with another passphrase, or forged (if the passphrase was rotated, "
+    "give the passphrase this set was written with)"
+)
+
+
+class OtherPassphraseError(IntegrityError):
+    """A record sealed under another key: most often the operator's passphrase file is
+    not the one the set was written with (an operator error, not damage)."""
+
+
+def canonical(record):
+    """The bytes a MAC covers: ``record`` without its authentication block."""
+    body = {k: v for k, v in record.items() if k != FIELD}
+    return json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+class RecordKey(object):
+    """The MAC key of one passphrase: derived once per salt and cached.
+
+    New records are sealed with one salt per key object (``adopt_salt`` takes the
+    salt of a record this key already authenticated, so that a repository's records
+    share a salt and listing a catalog derives the key once, not once per set).
+    """
+
+    def __init__(self, passphrase):
+        if not passphrase:
+            raise ValueError("a record key needs a passphrase")
+        self._passphrase = passphrase
+        self._keys = {}
+        self._salt = None
+
+    @classmethod
+    def from_file(cls, passphrase_file):
+        """The key of a passphrase file (checked like every passphrase file), or None."""
+        if not passphrase_file:
+            return None
+        return cls(load_passphrase(passphrase_file))
+
+    def _key(self, salt):
+        key = self._keys.get(salt)
+        if key is None:
+            master = hashlib.scrypt(
+                self._passphrase,
+                salt=salt,
+                n=SCRYPT_N,
+                r=SCRYPT_R,
+                p=SCRYPT_P,
+                maxmem=SCRYPT_MAXMEM,
+                dklen=32,
+            )
+            key = hmac.new(master, KEY_LABEL, hashlib.sha256).digest()
+            self._keys[salt] = key
+        return key
+
+    def key_id(self, salt):
+        """A public fingerprint of the key for ``salt``: tells "another passphrase"
+        apart from "altered" without revealing anything the MAC does not."""
+        return hmac.new(self._key(salt), KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
+
+    def mac(self, salt, purpose, record):
+        message = b"clinic.backup/" + purpose.encode("ascii") + b"\n" + canonical(record)
+        return hmac.new(self._key(salt), message, hashlib.sha256).hexdigest()
+
+    def seal_salt(self):
+        if self._salt is None:
+            self._salt = os.urandom(16)
+        return self._salt
+
+    def adopt_salt(self, record, purpose="pointer"):
+        """Seal later records with the salt of ``record`` if this key authenticates it."""
+        if self._salt is None and check(record, self, purpose)[0] == AUTHENTICATED:
+            self._salt = bytes.fromhex(record[FIELD]["salt"])
+
+
+def seal(record, key, purpose):
+    """``record`` with its authentication block (a new dict); unchanged when key is None."""
+    if key is None:
+        return dict(record)
+    if purpose not in PURPOSES:
+        raise ValueError("unknown record purpose %r" % purpose)
+    salt = key.seal_salt()
+    body = {k: v for k, v in record.items() if k != FIELD}
+    # The MAC covers the record without this block (canonical()); the salt and the
+    # scrypt parameters are bound through the key they derive.
+    body[FIELD] = {
+        "scheme": SCHEME,
+        "n": SCRYPT_N,
+        "r": SCRYPT_R,
+        "p": SCRYPT_P,
+        "salt": salt.hex(),
+        "key_id": key.key_id(salt),
+        "purpose": purpose,
+        "mac": key.mac(salt, purpose, body),
+    }
+    return body
+
+
+def record_mac(record):
+    """The MAC a sealed record carries (what later records bind to), or None."""
+    block = record.get(FIELD) if isinstance(record, dict) else None
+    mac = block.get("mac") if isinstance(block, dict) else None
+    return mac if isinstance(mac, str) and _HEX64.fullmatch(mac) else None
+
+
+def check(record, key, purpose):
+    """(outcome, problem): AUTHENTICATED, UNSEALED or NOT_CHECKED with problem None, or
+    (None, text saying why the record fails: altered, planted or another passphrase)."""
+    block = record.get(FIELD) if isinstance(record, dict) else None
+    if block is None:
+        return UNSEALED, None
+    if key is None:
+        return NOT_CHECKED, None
+    if not isinstance(block, dict):
+        return None, "its authentication block is malformed"
+    if (
+        block.get("scheme") != SCHEME
+        or block.get("purpose") != purpose
+        or (block.get("n"), block.get("r"), block.get("p")) != (SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        or any(isinstance(block.get(k), bool) for k in ("n", "r", "p"))
+    ):
+        return None, "its authentication block has unsupported parameters (not a %s %s)" % (
+            SCHEME,
+            purpose,
+        )
+    salt, key_id, mac = block.get("salt"), block.get("key_id"), block.get("mac")
+    if not (
+        isinstance(salt, str)
+        and _HEX32.fullmatch(salt)
+        and isinstance(key_id, str)
+        and isinstance(mac, str)
+        and _HEX64.fullmatch(mac)
+    ):
+        return None, "its authentication block is malformed"
+    salt = bytes.fromhex(salt)
+    if not hmac.compare_digest(key.key_id(salt), key_id):
+        return None, OTHER_PASSPHRASE
+    try:
+        expected = key.mac(salt, purpose, record)
+    except (TypeError, ValueError):
+        return None, "it cannot be put in canonical form"
+    if not hmac.compare_digest(expected, mac):
+        return None, "its MAC does not match: it was altered after it was written"
+    return AUTHENTICATED, None
+
+
+def require(record, key, purpose, what):
+    """Raise IntegrityError naming ``what`` when the record fails its check; returns the
+    outcome (AUTHENTICATED, UNSEALED or NOT_CHECKED)."""
+    outcome, problem = check(record, key, purpose)
+    if outcome is None:
+        raise (OtherPassphraseError if problem == OTHER_PASSPHRASE else IntegrityError)(
+            "%s fails its authentication check: %s" % (what, problem),
+            "treat the set as damaged or planted: restore another set and find out who "
+            "can write to the repository",
+        )
+    return outcome

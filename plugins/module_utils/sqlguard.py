@@ -1,0 +1,184 @@
+# -*- coding: utf-8 -*-
+# Copyright: clinic.backup contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Plain SQL scripts reach psql only in restricted mode.
+
+psql runs its backslash meta-commands (``\\!`` runs a shell command, ``\\o`` writes
+files, ``\\copy`` reads them) from any script it is given, and a plain-format dump or
+the globals script is data read back from storage: someone who can write to the
+repository could put a meta-command in it. Since PostgreSQL 13.22 / 14.19 / 15.14 /
+16.10 / 17.6, ``\\restrict KEY`` makes psql refuse every meta-command until
+``\\unrestrict KEY``. ``MetaCommandGuard`` opens every script with a ``\\restrict``
+of its own random key, which the script cannot know, and removes pg_dump's own
+``\\restrict``/``\\unrestrict`` lines (psql would refuse a second ``\\restrict``). So
+psql itself refuses any meta-command a script holds, wherever it hides; the guard
+also names the first one it sees outside COPY data, so a planted script is reported
+as such. The MAC on the manifest stays the primary guard: this one holds even for a
+set written before manifests were sealed.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import os
+import re
+import subprocess
+
+from .errors import ConfigError
+
+# pg_dump's own lines: "\restrict <key>" at the top, "\unrestrict <key>" at the end.
+_OWN_RESTRICT = re.compile(rb"^\\(?:un)?restrict [A-Za-z0-9]+\r?$")
+_COPY_FROM_STDIN = re.compile(rb"^COPY .* FROM stdin;\r?$")
+_END_OF_COPY = re.compile(rb"^\\\.\r?$")
+# Versions whose psql knows \restrict, by major version (the minor release that added it).
+RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+MAX_LINE = 64 * 1024 * 1024
+
+
+def psql_version(psql):
+    """(major, minor) of a psql binary."""
+    out = subprocess.run(
+        [psql, "--version"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False
+    ).stdout.decode("ascii", "replace")
+    match = re.search(r"(\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def check_psql_restricts(psql):
+    """Raise ConfigError unless ``psql`` supports \\restrict."""
+    major, minor = psql_version(psql)
+    if major < 13 or (major in RESTRICT_SINCE and minor < RESTRICT_SINCE[major]):
+        raise ConfigError(
+            "%s (%d.%d) cannot run a script in restricted mode (\\restrict)" % (psql, major, minor),
+            "update the PostgreSQL client packages (13.22, 14.19, 15.14, 16.10, 17.6 or newer): "
+            "plain SQL scripts are only ever replayed with meta-commands refused",
+        )
+
+
+class MetaCommandGuard(object):
+    """A line filter in front of psql's stdin (see the module docstring).
+
+    ``__call__(chunk)`` returns the bytes to hand psql; ``found`` names the first
+    meta-command met outside COPY data (None if none).
+    """
+
+    def __init__(self):
+        self.key = os.urandom(24).hex()
+        self.found = None
+        self._line = 0
+        self._pending = b""
+        self._in_copy = False
+        self._started = False
+
+    def __call__(self, chunk):
+        out = []
+        if not self._started:
+            self._started = True
+            out.append(b"\\restrict " + self.key.encode("ascii") + b"\n")
+        data = self._pending + chunk
+        lines = data.split(b"\n")
+        self._pending = lines.pop()
+        if len(self._pending) > MAX_LINE:
+            # A line this long is no dump's; pass it on (psql stays restricted) unjudged.
+            out.append(self._pending)
+            self._pending = b""
+        for line in lines:
+            kept = self._judge(line)
+            if kept is not None:
+                out.append(kept + b"\n")
+        return b"".join(out)
+
+    def flush(self):
+        """The last, unterminated line (if any)."""
+        line, self._pending = self._pending, b""
+        if not line:
+            return b"" if self._started else self(b"")
+        kept = self._judge(line)
+        return kept or b""
+
+    def _judge(self, line):
+        self._line += 1
+        if self._in_copy:
+            if _END_OF_COPY.match(line):
+                self._in_copy = False
+            return line
+        if _OWN_RESTRICT.match(line):
+            return None
+        if _COPY_FROM_STDIN.match(line):
+            self._in_copy = True
+        elif self.found is None and line.lstrip().startswith(b"\\"):
+            self.found = "line %d: %s" % (
+                self._line,
+                line.strip()[:40].decode("utf-8", "replace"),
+            )
+        return line
+
+
+# SQLSTATE classes that are not errors: successful completion, warning, no data.
+_NOT_ERROR_CLASSES = ("00", "01", "02")
+DUPLICATE_OBJECT = "42710"
+# "psql:<stdin>:12: ERROR:  42710: role "x" already exists" with VERBOSITY=verbose; the
+# severity word is translated by the server's lc_messages, the SQLSTATE never is.
+_VERBOSE_MESSAGE = re.compile(r"^(?:psql:[^:]*:\d+: )?[^\s:]+:\s+([0-9A-Z]{5}): (.*)$")
+
+
+def server_errors(stderr_text):
+    """[(sqlstate, message)] of the server errors psql printed with VERBOSITY=verbose."""
+    errors = []
+    for line in stderr_text.splitlines():
+        match = _VERBOSE_MESSAGE.match(line)
+        if match and match.group(1)[:2] not in _NOT_ERROR_CLASSES:
+            errors.append((match.group(1), match.group(2).strip()))
+    return errors
+
+
+class PsqlFeeder(object):
+    """Stream consumer running ``argv`` (psql reading a script on stdin) behind a
+    MetaCommandGuard. ``finish`` waits and returns (exit code, stderr text)."""
+
+    def __init__(self, argv, env):
+        import tempfile
+
+        self.guard = MetaCommandGuard()
+        self._err = tempfile.TemporaryFile()
+        env = dict(env)
+        env["LC_ALL"] = "C"  # psql's own messages untranslated
+        self._proc = subprocess.Popen(
+            list(argv) + ["--set=VERBOSITY=verbose"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+            env=env,
+            close_fds=True,
+        )
+        self._open = True
+
+    def _send(self, data):
+        if self._open and data:
+            try:
+                self._proc.stdin.write(data)
+            except (BrokenPipeError, OSError):
+                self._open = False  # psql stopped (ON_ERROR_STOP): its exit code says why
+
+    def __call__(self, chunk):
+        self._send(self.guard(chunk))
+
+    def finish(self):
+        self._send(self.guard.flush())
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        code = self._proc.wait()
+        self._err.seek(0)
+        text = self._err.read().decode("utf-8", "replace")
+        self._err.close()
+        return code, text
+
+    def abort(self):
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        if not self._err.closed:
+            self._err.close()

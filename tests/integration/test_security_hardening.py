@@ -1,0 +1,269 @@
+"""Regression tests of the hostile pass (issue: security hardening), against the real
+PostgreSQL cluster and moto S3: each case failed before its fix."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from testbed.pg import quote_ident
+
+from ansible_collections.clinic.backup.plugins.module_utils import catalog, pipeline
+from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
+from ansible_collections.clinic.backup.plugins.module_utils.backup import BackupOptions, run_backup
+from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError
+from ansible_collections.clinic.backup.plugins.module_utils.files import (
+    FileBackupOptions,
+    run_file_backup,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.pgsource import PgConnection
+from ansible_collections.clinic.backup.plugins.module_utils.repository import (
+    LocalRepository,
+    S3Repository,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.restore import (
+    RestoreOptions,
+    run_restore,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.retention import (
+    RetentionPolicy,
+    apply_retention,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.verify import verify_set
+
+
+def connection(pg, dbname, user=None):
+    return PgConnection(
+        host=pg.host,
+        port=str(pg.port),
+        user=user or pg.superuser,
+        dbname=dbname,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_databases(pg):
+    """clinic_db's little sibling billing_db, and a database whose name holds '='."""
+    names = {"billing": "billing_db_sec", "equals": "clinic=db"}
+    for name in names.values():
+        pg.psql("DROP DATABASE IF EXISTS %s" % quote_ident(name))
+        pg.create_database(name)
+        pg.psql("CREATE TABLE invoices (id int); INSERT INTO invoices VALUES (1), (2)", dbname=name)
+    yield names
+    for name in names.values():
+        pg.psql("DROP DATABASE IF EXISTS %s" % quote_ident(name))
+
+
+def take(pg, repo, dbname, passphrase_file, **options):
+    options.setdefault("passphrase_file", str(passphrase_file))
+    return run_backup(connection(pg, dbname), [repo], BackupOptions(**options))
+
+
+# ---------------------------------------------------------------------- defect 5
+def test_a_set_of_another_database_or_a_file_set_is_refused_before_anything(
+    pg, tmp_path, passphrase_file, two_databases
+):
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    billing = take(pg, repo, two_databases["billing"], passphrase_file)["set_id"]
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "scan.pdf").write_bytes(b"%PDF scan")
+    file_set = run_file_backup(
+        [repo], FileBackupOptions("uploads", [str(uploads)], passphrase_file=str(passphrase_file))
+    )["set_id"]
+    target = "sec_target_db"
+    pg.psql("DROP DATABASE IF EXISTS %s" % target)
+    pg.create_database(target)
+    before = pg.psql("SELECT datname FROM pg_database ORDER BY 1")
+    options = RestoreOptions(
+        mode="replace",
+        target_database=target,
+        database=pg.clinic_db,
+        set_id=billing,
+        passphrase_file=str(passphrase_file),
+    )
+    with pytest.raises(ConfigError, match="is a backup of 'billing_db_sec', not of 'clinic_db'"):
+        run_restore(repo, connection(pg, "postgres"), options)
+    options = RestoreOptions(mode="rehearse", set_id=file_set, passphrase_file=str(passphrase_file))
+    with pytest.raises(ConfigError, match="is a file set .* not a database backup") as caught:
+        run_restore(repo, connection(pg, "postgres"), options)
+    assert "files_restore" in caught.value.hint
+    assert pg.psql("SELECT datname FROM pg_database ORDER BY 1") == before
+    pg.psql("DROP DATABASE %s" % target)
+
+
+# ---------------------------------------------------------------------- defect 10
+def test_a_database_name_holding_an_equals_sign_is_backed_up_with_its_globals(
+    pg, tmp_path, passphrase_file, two_databases
+):
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    result = take(pg, repo, two_databases["equals"], passphrase_file)
+    names = [a["name"] for a in result["artifacts"]]
+    assert names == ["database", "globals"]
+    outcome = verify_set(repo, result["set_id"], passphrase_file=str(passphrase_file))
+    assert outcome["ok"], outcome["failures"]
+
+
+# ---------------------------------------------------------------------- defect 11
+GERMAN = "de_DE.UTF-8"
+
+
+def german_locale() -> bool:
+    """Make de_DE.UTF-8 available to the C library (root, Debian's locales data)."""
+    listed = subprocess.run(["locale", "-a"], stdout=subprocess.PIPE, text=True, check=False)
+    if "de_DE.utf8" in listed.stdout:
+        return True
+    made = subprocess.run(
+        ["localedef", "-i", "de_DE", "-f", "UTF-8", GERMAN],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    return made.returncode == 0
+
+
+def test_globals_errors_are_told_apart_by_sqlstate_on_a_german_server(
+    pg, tmp_path, passphrase_file
+):
+    """Roles that exist are "already present" (SQLSTATE 42710) and nothing else is an
+    error, although the server says FEHLER and "existiert bereits"."""
+    if not german_locale():
+        pytest.skip("no de_DE.UTF-8 locale can be made on this host (localedef, locales)")
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    set_id = take(pg, repo, pg.clinic_db, passphrase_file)["set_id"]
+    target = "sec_globals_db"
+    pg.psql("DROP DATABASE IF EXISTS %s" % target)
+    pg.psql("ALTER SYSTEM SET lc_messages = '%s'" % GERMAN)
+    pg.psql("SELECT pg_reload_conf()")
+    options = RestoreOptions(
+        mode="create",
+        target_database=target,
+        set_id=set_id,
+        include_globals=True,
+        passphrase_file=str(passphrase_file),
+    )
+    try:
+        result = run_restore(repo, connection(pg, "postgres"), options)
+    finally:
+        pg.psql("ALTER SYSTEM RESET lc_messages")
+        pg.psql("SELECT pg_reload_conf()")
+        pg.psql("DROP DATABASE IF EXISTS %s" % target)
+    report = result["globals"]
+    assert report["applied"] and report["errors"] == []
+    assert any(pg.clinic_user in line for line in report["already_present"]), report
+    assert any("existiert bereits" in line for line in report["already_present"]), report
+
+
+# ---------------------------------------------------------------------- defect 12
+def test_an_existing_repository_is_never_chmodded(tmp_path, pg, passphrase_file):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    repo = LocalRepository(str(shared))
+    result = take(pg, repo, pg.clinic_db, passphrase_file, row_counts=False)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert any("open to other users" in w for w in result["warnings"])
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(ConfigError, match="writable by every user"):
+        take(pg, LocalRepository(str(open_dir)), pg.clinic_db, passphrase_file)
+    assert stat.S_IMODE(open_dir.stat().st_mode) == 0o777
+    assert sorted(p.name for p in open_dir.iterdir()) == []
+    fresh = tmp_path / "fresh" / "repo"
+    take(pg, LocalRepository(str(fresh), must_exist=False), pg.clinic_db, passphrase_file)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+
+
+# ---------------------------------------------------------------------- defect 13
+def test_s3_cleanup_deletes_only_what_this_tool_wrote(s3, s3_bucket):
+    client = s3.client()
+    keep = [
+        "db/sets/not-a-set-id/notes.txt",
+        "db/sets/20261122T010000Z-clinic_db-1a2b3c/has space.txt",
+        "db/sets/README",
+        "db/other/20261122T010000Z-clinic_db-1a2b3c/x.gpg",
+    ]
+    ours = "db/sets/20261122T010000Z-clinic_db-aaaaaa/clinic_db.dump.zst.gpg"
+    for key in keep + [ours]:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
+    client.create_multipart_upload(Bucket=s3_bucket, Key="db/sets/someone-elses/upload.bin")
+    repo = S3Repository(client, s3_bucket, "db")
+    future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    removed = repo.cleanup_incomplete(older_than_seconds=-3600)
+    assert ours in removed
+    left = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])}
+    assert left == set(keep)
+    uploads = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == ["db/sets/someone-elses/upload.bin"]
+    assert future  # (cutoff in the future: everything is "stale", only ours goes)
+
+
+# ---------------------------------------------------------------------- defect 15
+def test_a_fifo_in_the_repository_never_hangs_catalog_or_retention(tmp_path, pg, passphrase_file):
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    set_id = take(pg, repo, pg.clinic_db, passphrase_file, row_counts=False)["set_id"]
+    fifo = tmp_path / "repo" / "sets" / set_id / "verification.json"
+    os.mkfifo(fifo)
+    key = RecordKey.from_file(str(passphrase_file))
+    outcome = {}
+
+    def work():
+        outcome["entries"] = catalog.list_catalog(repo, key=key)
+        outcome["retention"] = apply_retention(
+            repo, RetentionPolicy(daily=1, weekly=0, monthly=0, yearly=0, min_keep=1), key=key
+        )
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():
+        # Unblock the reader so the test process can end, then fail.
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("reading a FIFO verification record hung")
+    (entry,) = outcome["entries"]
+    assert entry["state"] == "complete" and entry["verification"] == "unknown"
+    assert outcome["retention"]["kept"] == [set_id]
+
+
+# ---------------------------------------------------------------------- defect 9
+def test_plaintext_scratch_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    base = tmp_path / "tmp"
+    base.mkdir()
+    script = (
+        "import os, sys\n"
+        "from ansible_collections.clinic.backup.plugins.module_utils import pipeline\n"
+        "d = pipeline.scratch_dir(base=sys.argv[1])\n"
+        "os.makedirs(os.path.join(d.path, 'dump'))\n"
+        "open(os.path.join(d.path, 'dump', '3456.dat'), 'w').write('patient rows')\n"
+        "print(d.path, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(base)], env=env, stdout=subprocess.PIPE, check=False
+    )
+    assert proc.returncode == -signal.SIGKILL
+    leftover = Path(proc.stdout.decode().strip())
+    assert (leftover / "dump" / "3456.dat").exists()
+    os.utime(leftover, (time.time() - 3600, time.time() - 3600))
+    live = pipeline.scratch_dir(base=str(base))
+    try:
+        assert not leftover.exists()
+        assert Path(live.path).exists()
+        assert stat.S_IMODE(Path(live.path).stat().st_mode) == 0o700
+        # A live run's scratch is never taken for a leftover.
+        pipeline.reap_owned_dirs(pipeline.SCRATCH_PREFIX, base=str(base), min_age_seconds=0)
+        assert Path(live.path).exists()
+    finally:
+        live.close()
+    assert not Path(live.path).exists()

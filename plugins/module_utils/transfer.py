@@ -12,7 +12,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from . import pipeline
+from . import authentication, pipeline
 from .catalog import list_catalog, load_manifest
 from .errors import BackupError, IntegrityError
 from .repository import MANIFEST, dump_json
@@ -84,10 +84,24 @@ def copy_set(source, dest, set_id, check_mode=False):
         writer.abort()
         raise
     try:
-        dest.write_latest(manifest["database"], _newest_id(dest, manifest["database"], set_id))
+        _update_pointer(source, dest, manifest["database"], set_id)
     except (BackupError, OSError):
         pass  # the pointer is a convenience; the catalog is built from manifests
     return result
+
+
+def _update_pointer(source, dest, database, set_id):
+    """Point dest's ``latest`` at its newest set. A sealed pointer can only be copied (no
+    passphrase here): the source's, when it names that set; a sealed pointer at the
+    destination is never replaced by an unsealed one."""
+    newest = _newest_id(dest, database, set_id)
+    pointer = source.read_latest_record(database)
+    if pointer is not None and pointer.get("set_id") == newest:
+        dest.write_latest(database, newest, pointer)
+        return
+    current = dest.read_latest_record(database)
+    if current is None or authentication.record_mac(current) is None:
+        dest.write_latest(database, newest)
 
 
 def _newest_id(repo, database, fallback):

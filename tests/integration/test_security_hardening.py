@@ -267,3 +267,18 @@ def test_plaintext_scratch_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
     finally:
         live.close()
     assert not Path(live.path).exists()
+
+
+# ---------------------------------------------------------------------- copies keep their seal
+def test_a_copied_set_stays_authenticated_and_its_pointer_sealed(tmp_path, pg, passphrase_file):
+    from ansible_collections.clinic.backup.plugins.module_utils.transfer import copy_set
+
+    source = LocalRepository(str(tmp_path / "source"), must_exist=False)
+    dest = LocalRepository(str(tmp_path / "dest"), must_exist=False)
+    set_id = take(pg, source, pg.clinic_db, passphrase_file, row_counts=False)["set_id"]
+    copy_set(source, dest, set_id)
+    key = RecordKey.from_file(str(passphrase_file))
+    (entry,) = catalog.list_catalog(dest, key=key)
+    assert entry["authentication"] == "ok"
+    assert dest.read_latest(pg.clinic_db, key) == set_id
+    assert verify_set(dest, set_id, passphrase_file=str(passphrase_file))["ok"]

@@ -10,6 +10,7 @@ The server failure and ransomware cases restore onto a second, empty cluster.
 
 from __future__ import annotations
 
+import datetime
 import json
 import secrets
 import subprocess
@@ -501,6 +502,27 @@ def test_ransomware_restores_the_verified_set_from_before_the_intrusion(
             "audit",
         ):
             assert words in checklist
+    finally:
+        clean_server.drop_database(target)
+
+
+def test_backup_playbook_verifies_the_s3_copy_so_a_ransomware_restore_from_s3_works(
+    dr, pg_fingerprints, clean_server
+):
+    """backup.yml alone (no separate verify run) must leave the S3 copy verified: the
+    ransomware playbook restores from S3 and takes only verified sets."""
+    target = fresh_name("clinic_db_s3")
+    clean_before = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        run = dr.play(
+            "dr_ransomware.yml",
+            **on_server(clean_server),
+            clinic_backup_clean_before=clean_before,
+            clinic_backup_restore_target=target,
+        ).assert_ok()
+        restore = run.result(CLEAN_RESTORE)
+        assert restore["set_id"] == dr.set_id
+        assert table_fingerprints(clean_server, target) == pg_fingerprints
     finally:
         clean_server.drop_database(target)
 

@@ -512,7 +512,7 @@ def test_backup_playbook_verifies_the_s3_copy_so_a_ransomware_restore_from_s3_wo
     """backup.yml alone (no separate verify run) must leave the S3 copy verified: the
     ransomware playbook restores from S3 and takes only verified sets."""
     target = fresh_name("clinic_db_s3")
-    clean_before = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    clean_before = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         run = dr.play(
             "dr_ransomware.yml",

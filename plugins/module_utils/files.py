@@ -82,10 +82,10 @@ from .repository import check_set_id, fsync_dir, isoformat, new_set_id, parse_ti
 from .restore import (
     UNENCRYPTED_REASON,
     _stream_into,
-    _unsafe_member,
     check_restorable,
     load_explicit,
 )
+from .tarsafety import unsafe_member
 from .version import TOOL_NAME, TOOL_VERSION
 
 KIND = "files"
@@ -851,7 +851,7 @@ class FileTarExtractor(pipeline.ThreadedConsumer):
         while name.startswith("./"):
             name = name[2:]
         name = name.rstrip("/")
-        why = _unsafe_member(member.name) or _unsafe_member(name)
+        why = unsafe_member(member.name) or unsafe_member(name)
         if why is None and "\0" in name:
             why = "NUL character"
         if why:

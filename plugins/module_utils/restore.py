@@ -30,7 +30,6 @@ __metaclass__ = type
 import datetime
 import errno
 import os
-import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -48,6 +47,7 @@ from .errors import BackupError, ConfigError, IntegrityError, SourceError, Store
 from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
 from .repository import check_set_id, isoformat, parse_time, utc_now
+from .tarsafety import unsafe_member
 from .verify import FAIL, verify_artifact
 
 MODES = ("create", "replace", "rehearse")
@@ -442,7 +442,7 @@ class SafeTarExtractor(pipeline.ThreadedConsumer):
 
     def _extract(self, archive, member):
         name = member.name[2:] if member.name.startswith("./") else member.name
-        why = _unsafe_member(name)
+        why = unsafe_member(name)
         if why:
             raise IntegrityError(
                 "tar member %r is unsafe (%s); nothing was restored from this set" % (name, why)
@@ -464,14 +464,6 @@ class SafeTarExtractor(pipeline.ThreadedConsumer):
         with os.fdopen(os.open(path, flags, 0o600), "wb") as handle:
             shutil.copyfileobj(source, handle, COPY_CHUNK)
         self.files += 1
-
-
-def _unsafe_member(name):
-    if name.startswith("/"):
-        return "absolute path"
-    if ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
-        return "parent directory reference"
-    return None
 
 
 # ---------------------------------------------------------------------- streaming one artifact

@@ -14,7 +14,6 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import os
-import posixpath
 import subprocess
 import tempfile
 
@@ -24,6 +23,7 @@ from .errors import BackupError, ConfigError, IntegrityError
 from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
 from .repository import isoformat, parse_time, utc_now
+from .tarsafety import unsafe_link, unsafe_member
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 PLAIN_TRAILER = b"PostgreSQL database dump complete"
@@ -59,16 +59,6 @@ class TailKeeper(object):
         self.size += len(chunk)
         self.tail = (self.tail + chunk)[-self.keep :]
         self.guard(chunk)
-
-
-def unsafe_tar_member(name):
-    """Why a tar member name would escape an extraction directory, or None."""
-    if name.startswith("/"):
-        return "absolute path"
-    parts = posixpath.normpath(name).split("/")
-    if ".." in parts:
-        return "parent directory reference"
-    return None
 
 
 def _content_reader(content, bin_dir):
@@ -169,20 +159,10 @@ class ParserConsumer(object):
         self.names.append(text)
 
 
-def unsafe_link(name, target):
-    """Why a link member ``name -> target`` would point outside its archive, or None."""
-    if not target or target.startswith("/"):
-        return "absolute link target %r" % target
-    parts = posixpath.normpath(posixpath.join(posixpath.dirname(name), target)).split("/")
-    if parts[0] == "..":
-        return "link target %r leads outside the archive" % target
-    return None
-
-
 def _check_files(consumer, expected):
     """Judge a file set's listing (``expected``: the manifest's ``files`` record)."""
     for name in consumer.names:
-        why = unsafe_tar_member(name)
+        why = unsafe_member(name)
         if why:
             return FAIL, "tar member %r is unsafe (%s)" % (name, why)
     for name, target in consumer.links:
@@ -215,7 +195,7 @@ def _check_content(content, consumer, expected_files=None):
         if "toc.dat" not in consumer.names:
             return FAIL, "the directory archive has no toc.dat"
         for name in consumer.names:
-            why = unsafe_tar_member(name)
+            why = unsafe_member(name)
             if why:
                 return FAIL, "tar member %r is unsafe (%s)" % (name, why)
         return OK, "tar archive lists %d files including toc.dat" % len(consumer.names)

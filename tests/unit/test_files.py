@@ -24,9 +24,9 @@ from ansible_collections.clinic.backup.plugins.module_utils.errors import (
     IntegrityError,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.repository import LocalRepository
+from ansible_collections.clinic.backup.plugins.module_utils.tarsafety import unsafe_link
 from ansible_collections.clinic.backup.plugins.module_utils.verify import (
     _check_files,
-    unsafe_link,
     verify_set,
 )
 

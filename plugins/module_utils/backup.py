@@ -16,19 +16,24 @@ __metaclass__ = type
 
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
 
-from . import authentication, pipeline
-from .catalog import FORMAT_VERSION
-from .errors import BackupError, ConfigError, SourceError, StoreError, UnreachableError
+from . import pipeline
+from .errors import BackupError, ConfigError, SourceError
+from .lifecycle import (
+    SetWriting,
+    StreamOptions,
+    check_targets,
+    manifest_header,
+    prepare_targets,
+    record_key,
+)
 from .locking import RunLock, lock_path_for
 from .passphrase import load_passphrase
 from .pgsource import Snapshot, find_pg_bin_dir, table_pattern, tool_version
-from .repository import isoformat, new_set_id, safe_name, utc_now
-from .version import TOOL_NAME, TOOL_VERSION
+from .repository import new_set_id, safe_name, utc_now
 
 # format -> (pg_dump --format, file extension, manifest content type)
 FORMATS = {
@@ -37,43 +42,6 @@ FORMATS = {
     "directory": ("directory", ".dir.tar", "pg_dump-directory-tar"),
 }
 GLOBALS_CONTENT = "pg_dumpall-globals"
-
-
-class StreamOptions(object):
-    """How any set's artifacts are stored: compression, encryption, label, leftovers' age."""
-
-    def _set_stream_options(
-        self,
-        compression,
-        compression_level,
-        compression_threads,
-        encrypt,
-        passphrase_file,
-        label,
-        stale_seconds,
-    ):
-        self.compression = compression
-        self.compress_argv = pipeline.compress_argv(
-            compression, compression_level, compression_threads
-        )
-        self.compression_level = (
-            None
-            if compression == "none"
-            else int(
-                compression_level
-                if compression_level is not None
-                else pipeline.DEFAULT_LEVEL[compression]
-            )
-        )
-        self.encrypt = bool(encrypt)
-        self.passphrase_file = passphrase_file
-        if self.encrypt and not passphrase_file:
-            raise ConfigError(
-                "encryption is on but no passphrase_file is set",
-                "set passphrase_file to a 0600 file, or encrypt: false to store plaintext on purpose",
-            )
-        self.label = label
-        self.stale_seconds = int(stale_seconds)
 
 
 class BackupOptions(StreamOptions):
@@ -185,59 +153,6 @@ def pg_dumpall_globals_argv(bin_dir, connection, superuser):
     return argv
 
 
-class TargetStream(object):
-    """One target's sink, isolated: a failing target stops receiving data
-    while the others go on (an S3 outage must not cost the local copy)."""
-
-    def __init__(self, writer, filename):
-        self.writer = writer
-        self.error = None
-        self.location = None
-        try:
-            self.sink = writer.sink(filename)
-        except BackupError as exc:
-            self.sink = None
-            self.error = exc
-
-    def write(self, chunk):
-        if self.error is not None:
-            return
-        try:
-            self.sink.write(chunk)
-        except Exception as exc:
-            self.fail(exc)
-
-    def close(self):
-        if self.error is not None:
-            return
-        try:
-            self.location = self.sink.close()
-        except Exception as exc:
-            self.fail(exc)
-
-    def fail(self, exc):
-        self.error = (
-            exc
-            if isinstance(exc, BackupError)
-            else StoreError("%s: %s" % (exc.__class__.__name__, exc))
-        )
-        if self.sink is not None:
-            self.sink.abort()
-
-
-class MultiTarget(object):
-    def __init__(self, streams):
-        self.streams = streams
-
-    def __call__(self, chunk):
-        for stream in self.streams:
-            stream.write(chunk)
-        if all(stream.error is not None for stream in self.streams):
-            raise StoreError(
-                "every target failed: %s" % "; ".join(str(s.error) for s in self.streams)
-            )
-
-
 class Background(object):
     """Run ``func(*args)`` on a thread; ``join`` returns its result or raises its error."""
 
@@ -260,108 +175,6 @@ class Background(object):
         return self._outcome.get("result")
 
 
-class Target(object):
-    def __init__(self, repo):
-        self.repo = repo
-        self.writer = None
-        self.error = None
-        self.committed = False
-
-    def report(self):
-        return {
-            "repository": self.repo.url,
-            "kind": self.repo.kind,
-            "ok": self.committed,
-            "error": str(self.error) if self.error else None,
-        }
-
-
-def _stream_artifact(targets, filename, stages, source=None):
-    """Run ``stages`` (fed from ``source``, an iterable of bytes, if given) into every
-    healthy target; returns (StreamResult, {repository url: location})."""
-    live = [t for t in targets if t.error is None]
-    streams = [TargetStream(t.writer, filename) for t in live]
-    result = pipeline.run_stream(stages, MultiTarget(streams), source=source)
-    for stream in streams:
-        stream.close()
-    locations = {}
-    for target, stream in zip(live, streams):
-        if stream.error is not None:
-            target.error = stream.error
-        else:
-            locations[target.repo.url] = target.writer.final_location(filename)
-    if not locations:
-        raise StoreError("every target failed: %s" % "; ".join(str(t.error) for t in targets))
-    return result, locations
-
-
-def commit_manifests(targets, manifest, name, set_id, key=None):
-    """Seal the manifest with ``key`` (authentication.RecordKey; None: unsealed) and write
-    it - last - into every healthy target, then point ``latest`` at the set; returns
-    (the manifest as stored, warnings). A target whose commit fails is aborted and keeps
-    its error."""
-    manifest = authentication.seal(manifest, key, "manifest")
-    pointer = authentication.seal(
-        {"database": name, "set_id": set_id, "manifest_mac": authentication.record_mac(manifest)},
-        key,
-        "pointer",
-    )
-    for target in targets:
-        if target.error is not None:
-            if target.writer is not None:
-                target.writer.abort()
-            continue
-        try:
-            target.writer.commit(manifest)
-            target.committed = True
-        except BackupError as exc:
-            target.error = exc
-            target.writer.abort()
-    warnings = []
-    for target in targets:
-        if target.committed:
-            try:
-                target.repo.write_latest(name, set_id, pointer)
-            except (BackupError, OSError) as exc:
-                warnings.append(
-                    "could not update the newest-set pointer in %s: %s" % (target.repo.url, exc)
-                )
-    return manifest, warnings
-
-
-def record_key(options):
-    """The key that seals a new set's records: from the passphrase file, which an
-    unencrypted set may still name for exactly that purpose."""
-    return authentication.RecordKey.from_file(options.passphrase_file)
-
-
-def prepare_targets(repositories, unreachable, stale_seconds, key, name):
-    """Under the lock: lay out every reachable target, remove leftovers of killed runs,
-    and seal with the salt the newest pointer of ``name`` already uses (so a catalog
-    listing derives the key once). Returns warnings about the repositories."""
-    warnings = []
-    for repo in repositories:
-        if repo.url in unreachable:
-            continue
-        warnings.extend(repo.ensure_layout())
-        repo.cleanup_incomplete(older_than_seconds=stale_seconds)
-        if key is not None:
-            pointer = repo.read_latest_record(name)
-            if pointer is not None:
-                key.adopt_salt(pointer)
-    return warnings
-
-
-def _filter_stages(options, gpg_session):
-    stages = []
-    if options.compress_argv:
-        stages.append(pipeline.Stage(options.compression, options.compress_argv))
-    if gpg_session is not None:
-        argv, fd = gpg_session.encrypt_stage()
-        stages.append(pipeline.Stage("gpg encryption", argv, pass_fds=(fd,)))
-    return stages
-
-
 def run_backup(connection, repositories, options, check_mode=False, now=None):
     """Take one backup set into every repository; returns a result dict.
 
@@ -369,22 +182,9 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
     input is wrong; raises BackupError after committing the healthy targets
     when some target failed (the result is attached as ``exc.result``).
     """
-    if not repositories:
-        raise ConfigError(
-            "no backup target given", "set a local repository and/or at least one S3 target"
-        )
     passphrase = load_passphrase(options.passphrase_file) if options.encrypt else None
     key = record_key(options)
-    unreachable = {}
-    for repo in repositories:
-        try:
-            repo.check_writable()
-        except UnreachableError as exc:
-            # An outage of one target must not cost the others tonight's backup;
-            # a misconfiguration (missing bucket, bad credentials) still stops here.
-            unreachable[repo.url] = exc
-    if len(unreachable) == len(repositories):
-        raise next(iter(unreachable.values()))
+    unreachable = check_targets(repositories)
     started = now or utc_now()
     clock = time.time()
     with Snapshot(connection) as snapshot:
@@ -409,38 +209,25 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
             layout_warnings = prepare_targets(
                 repositories, unreachable, options.stale_seconds, key, connection.dbname
             )
-            result = _take_set(
-                connection,
-                repositories,
-                options,
-                snapshot,
-                bin_dir,
-                (passphrase, key),
-                set_id,
-                (started, clock),
-                unreachable,
-            )
+            with SetWriting(repositories, unreachable, set_id, options, passphrase, key) as writing:
+                result = _take_set(connection, options, snapshot, bin_dir, writing, started, clock)
             result["warnings"] = layout_warnings + result["warnings"]
+            failure = writing.failure("backup set")
+            if failure:
+                error = BackupError(*failure)
+                error.result = result
+                raise error
             return result
 
 
-def _take_set(
-    connection, repositories, options, snapshot, bin_dir, secrets, set_id, times, unreachable
-):
-    passphrase, key = secrets
-    started, clock = times
-    targets = [Target(repo) for repo in repositories]
-    for target in targets:
-        target.error = unreachable.get(target.repo.url)
-    gpg_session = pipeline.GpgSession(passphrase) if passphrase else None
+def _take_set(connection, options, snapshot, bin_dir, writing, started, clock):
+    """Stream the dump (and the globals alongside) into ``writing``; commit the manifest."""
     scratch = None
     counts = {}
     counter = None
     globals_job = None
+    globals_file = options.artifact_file("globals", ".sql")
     try:
-        for target in targets:
-            if target.error is None:
-                target.writer = target.repo.begin(set_id)
         if options.row_counts:
             counter = threading.Thread(target=_count_rows, args=(snapshot, counts))
             counter.daemon = True
@@ -450,21 +237,19 @@ def _take_set(
         if options.include_globals:
             # Small and independent of the dump: stream it alongside, not after.
             globals_job = Background(
-                _stream_artifact,
-                targets,
-                options.artifact_file("globals", ".sql"),
+                writing.stream,
+                globals_file,
                 [
                     pipeline.Stage(
                         "pg_dumpall",
                         pg_dumpall_globals_argv(bin_dir, connection, snapshot.is_superuser),
                         env=env,
                     )
-                ]
-                + _filter_stages(options, gpg_session),
+                ],
             )
         db_file = options.artifact_file(connection.dbname, extension)
         if options.format == "directory":
-            scratch = _scratch_dir(targets)
+            scratch = _scratch_dir(writing.targets)
             dump_dir = os.path.join(scratch.path, "dump")
             _run_checked(
                 pg_dump_argv(bin_dir, options, snapshot.snapshot_id, dump_dir), env, "pg_dump"
@@ -476,110 +261,66 @@ def _take_set(
             producer = pipeline.Stage(
                 "pg_dump", pg_dump_argv(bin_dir, options, snapshot.snapshot_id), env=env
             )
-        result, locations = _stream_artifact(
-            targets, db_file, [producer] + _filter_stages(options, gpg_session)
-        )
-        artifacts = [
-            {
-                "name": "database",
-                "file": db_file,
-                "content": content,
-                "size": result.size,
-                "sha256": result.sha256,
-                "locations": locations,
-            }
-        ]
+        entry, locations = writing.stream(db_file, [producer])
+        artifacts = [dict(entry, name="database", content=content, locations=locations)]
         if scratch:
             scratch.close()
             scratch = None
         if globals_job is not None:
-            result, locations = globals_job.join()
+            entry, locations = globals_job.join()
             artifacts.append(
-                {
-                    "name": "globals",
-                    "file": options.artifact_file("globals", ".sql"),
-                    "content": GLOBALS_CONTENT,
-                    "size": result.size,
-                    "sha256": result.sha256,
-                    "locations": locations,
-                    "role_passwords": bool(snapshot.is_superuser),
-                }
+                dict(
+                    entry,
+                    name="globals",
+                    content=GLOBALS_CONTENT,
+                    locations=locations,
+                    role_passwords=bool(snapshot.is_superuser),
+                )
             )
         if counter is not None:
             counter.join()
             if "error" in counts:
                 raise SourceError("row counts failed: %s" % counts["error"])
-        finished = utc_now()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "id": set_id,
-            "tool": {"name": TOOL_NAME, "version": TOOL_VERSION},
-            "host": socket.gethostname(),
-            "database": connection.dbname,
-            "label": options.label,
-            "server": {
-                "version": snapshot.server_version,
-                "version_num": snapshot.server_version_num,
-                "host": connection.params.get("host"),
-                "port": connection.params.get("port"),
-            },
-            "pg_dump_version": tool_version(bin_dir),
-            "format": options.format,
-            "options": options.describe(),
-            "compression": {"algorithm": options.compression, "level": options.compression_level},
-            "encryption": (
-                {"method": "gpg-symmetric", "cipher": "AES256"}
-                if options.encrypt
-                else {"method": "none"}
-            ),
-            "snapshot": {"consistent": snapshot.snapshot_id is not None},
-            "artifacts": [{k: v for k, v in a.items() if k != "locations"} for a in artifacts],
-            "row_counts": counts.get("counts"),
-            "started_at": isoformat(started),
-            "finished_at": isoformat(finished),
-            "duration_seconds": round(time.time() - clock, 3),
-        }
-        manifest, warnings = commit_manifests(targets, manifest, connection.dbname, set_id, key)
+        manifest = manifest_header(
+            "database", writing.set_id, connection.dbname, options, started, clock
+        )
+        manifest.update(
+            {
+                "server": {
+                    "version": snapshot.server_version,
+                    "version_num": snapshot.server_version_num,
+                    "host": connection.params.get("host"),
+                    "port": connection.params.get("port"),
+                },
+                "pg_dump_version": tool_version(bin_dir),
+                "format": options.format,
+                "options": options.describe(),
+                "snapshot": {"consistent": snapshot.snapshot_id is not None},
+                "artifacts": [{k: v for k, v in a.items() if k != "locations"} for a in artifacts],
+                "row_counts": counts.get("counts"),
+            }
+        )
+        manifest, warnings = writing.commit(manifest, connection.dbname)
     except BaseException:
         if globals_job is not None:
             globals_job.join(quiet=True)  # it writes to the sinks about to be aborted
-        for target in targets:
-            if target.writer is not None and not target.committed:
-                target.writer.abort()
         raise
     finally:
         if counter is not None and counter.is_alive():
             snapshot.close()  # unblocks the counting thread
         if scratch:
             scratch.close()
-        if gpg_session is not None:
-            gpg_session.close()
-    result = {
-        "changed": any(t.committed for t in targets),
-        "set_id": set_id,
+    return {
+        "changed": writing.changed,
+        "set_id": writing.set_id,
         "database": connection.dbname,
         "manifest": manifest,
         "artifacts": artifacts,
-        "targets": [t.report() for t in targets],
+        "targets": writing.reports(),
         "size": sum(a["size"] for a in artifacts),
         "duration_seconds": manifest["duration_seconds"],
         "warnings": warnings,
     }
-    failed = [t for t in targets if not t.committed]
-    if failed:
-        error = BackupError(
-            "backup set %s was not stored in %s: %s"
-            % (
-                set_id,
-                ", ".join(t.repo.url for t in failed),
-                "; ".join(str(t.error) for t in failed),
-            ),
-            "the set is complete in %s; the next run retries"
-            % ", ".join(t.repo.url for t in targets if t.committed),
-        )
-        error.result = result
-        raise error
-    return result
 
 
 def _count_rows(snapshot, out):

@@ -52,30 +52,27 @@ import os
 import posixpath
 import re
 import shutil
-import socket
 import stat
 import tarfile
 import time
 
 from . import pipeline
 from .authentication import RecordKey
-from .backup import (
-    StreamOptions,
-    Target,
-    _filter_stages,
-    _stream_artifact,
-    commit_manifests,
-    prepare_targets,
-    record_key,
-)
 from .catalog import (
-    FORMAT_VERSION,
     check_passphrase_opens,
     list_catalog,
     load_manifest,
     unusable_reason,
 )
-from .errors import BackupError, ConfigError, IntegrityError, StoreError, UnreachableError
+from .errors import BackupError, ConfigError, IntegrityError, StoreError
+from .lifecycle import (
+    SetWriting,
+    StreamOptions,
+    check_targets,
+    manifest_header,
+    prepare_targets,
+    record_key,
+)
 from .locking import RunLock, lock_path_for
 from .passphrase import load_passphrase
 from .repository import check_set_id, fsync_dir, isoformat, new_set_id, parse_time, utc_now
@@ -86,7 +83,6 @@ from .restore import (
     load_explicit,
 )
 from .tarsafety import unsafe_member
-from .version import TOOL_NAME, TOOL_VERSION
 
 KIND = "files"
 ARTIFACT_NAME = "files"
@@ -591,20 +587,11 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
     not be read (the result is attached as ``exc.result``).
     """
     if not repositories:
-        raise ConfigError(
-            "no backup target given", "set a local repository and/or at least one S3 target"
-        )
+        check_targets(repositories)  # names what is missing
     paths = [check_source_path(p) for p in options.paths]  # again: time passed since
     passphrase = load_passphrase(options.passphrase_file) if options.encrypt else None
     key = record_key(options)
-    unreachable = {}
-    for repo in repositories:
-        try:
-            repo.check_writable()
-        except UnreachableError as exc:
-            unreachable[repo.url] = exc
-    if len(unreachable) == len(repositories):
-        raise next(iter(unreachable.values()))
+    unreachable = check_targets(repositories)
     for repo in repositories:
         if repo.url not in unreachable:
             _check_name_is_free(repo, options.name)
@@ -638,83 +625,57 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
         layout_warnings = prepare_targets(
             repositories, unreachable, options.stale_seconds, key, options.name
         )
-        result = _take_file_set(
-            repositories, options, paths, (passphrase, key), set_id, started, unreachable
-        )
+        local = [r.path for r in repositories if r.kind == "local"]
+        producer = TarProducer(paths, options.exclude, local)
+        with SetWriting(repositories, unreachable, set_id, options, passphrase, key) as writing:
+            result = _take_file_set(options, producer, writing, started)
         result["warnings"] = layout_warnings + result["warnings"]
+        problems, hints = [], []
+        failure = writing.failure("file set")
+        if failure:
+            problems.append(failure[0])
+            hints.append(failure[1])
+        if producer.errors:
+            problems.append(
+                "%d path(s) could not be read and are missing from set %s: %s%s"
+                % (
+                    len(producer.errors),
+                    set_id,
+                    "; ".join("%(path)s (%(detail)s)" % e for e in producer.errors[:10]),
+                    " ..." if len(producer.errors) > 10 else "",
+                )
+            )
+            hints.append("everything else is stored; fix the permissions and run the backup again")
+        if problems:
+            error = BackupError("; ".join(problems), "; ".join(hints))
+            error.result = result
+            raise error
         return result
 
 
-def _take_file_set(repositories, options, paths, secrets, set_id, started, unreachable):
-    passphrase, key = secrets
+def _take_file_set(options, producer, writing, started):
+    """Stream the tar of ``producer`` into ``writing``; commit the manifest."""
     clock = time.time()
-    targets = [Target(repo) for repo in repositories]
-    for target in targets:
-        target.error = unreachable.get(target.repo.url)
-    gpg_session = pipeline.GpgSession(passphrase) if passphrase else None
-    producer = TarProducer(
-        paths, options.exclude, [r.path for r in repositories if r.kind == "local"]
-    )
-    filename = options.artifact_file()
-    warnings = []
-    try:
-        for target in targets:
-            if target.error is None:
-                target.writer = target.repo.begin(set_id)
-        result, locations = _stream_artifact(
-            targets, filename, _filter_stages(options, gpg_session), producer
-        )
-        artifacts = [
-            {
-                "name": ARTIFACT_NAME,
-                "file": filename,
-                "content": CONTENT,
-                "size": result.size,
-                "sha256": result.sha256,
-                "locations": locations,
-            }
-        ]
-        finished = utc_now()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "id": set_id,
-            "kind": KIND,
-            "tool": {"name": TOOL_NAME, "version": TOOL_VERSION},
-            "host": socket.gethostname(),
-            "database": options.name,
-            "label": options.label,
+    entry, locations = writing.stream(options.artifact_file(), [], producer)
+    artifacts = [dict(entry, name=ARTIFACT_NAME, content=CONTENT, locations=locations)]
+    manifest = manifest_header(KIND, writing.set_id, options.name, options, started, clock)
+    manifest.update(
+        {
             "format": FORMAT,
             "options": options.describe(),
-            "compression": {"algorithm": options.compression, "level": options.compression_level},
-            "encryption": (
-                {"method": "gpg-symmetric", "cipher": "AES256"}
-                if options.encrypt
-                else {"method": "none"}
-            ),
             "artifacts": [{k: v for k, v in a.items() if k != "locations"} for a in artifacts],
             "files": producer.summary(),
-            "started_at": isoformat(started),
-            "finished_at": isoformat(finished),
-            "duration_seconds": round(time.time() - clock, 3),
         }
-        manifest, committed = commit_manifests(targets, manifest, options.name, set_id, key)
-        warnings.extend(committed)
-    except BaseException:
-        for target in targets:
-            if target.writer is not None and not target.committed:
-                target.writer.abort()
-        raise
-    finally:
-        if gpg_session is not None:
-            gpg_session.close()
-    result = {
-        "changed": any(t.committed for t in targets),
-        "set_id": set_id,
+    )
+    manifest, warnings = writing.commit(manifest, options.name)
+    return {
+        "changed": writing.changed,
+        "set_id": writing.set_id,
         "name": options.name,
         "database": options.name,
         "manifest": manifest,
         "artifacts": artifacts,
-        "targets": [t.report() for t in targets],
+        "targets": writing.reports(),
         "files": manifest["files"],
         "left_out": _limited(producer.skipped),
         "changed_files": _limited(producer.changed),
@@ -722,38 +683,6 @@ def _take_file_set(repositories, options, paths, secrets, set_id, started, unrea
         "duration_seconds": manifest["duration_seconds"],
         "warnings": warnings + _warnings(producer),
     }
-    problems = []
-    hints = []
-    failed = [t for t in targets if not t.committed]
-    if failed:
-        problems.append(
-            "file set %s was not stored in %s: %s"
-            % (
-                set_id,
-                ", ".join(t.repo.url for t in failed),
-                "; ".join(str(t.error) for t in failed),
-            )
-        )
-        hints.append(
-            "the set is complete in %s; the next run retries"
-            % ", ".join(t.repo.url for t in targets if t.committed)
-        )
-    if producer.errors:
-        problems.append(
-            "%d path(s) could not be read and are missing from set %s: %s%s"
-            % (
-                len(producer.errors),
-                set_id,
-                "; ".join("%(path)s (%(detail)s)" % e for e in producer.errors[:10]),
-                " ..." if len(producer.errors) > 10 else "",
-            )
-        )
-        hints.append("everything else is stored; fix the permissions and run the backup again")
-    if problems:
-        error = BackupError("; ".join(problems), "; ".join(hints))
-        error.result = result
-        raise error
-    return result
 
 
 # ---------------------------------------------------------------------- extraction

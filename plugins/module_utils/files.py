@@ -57,31 +57,26 @@ import tarfile
 import time
 
 from . import pipeline
-from .authentication import RecordKey
 from .catalog import (
-    check_passphrase_opens,
-    list_catalog,
     load_manifest,
-    unusable_reason,
 )
 from .errors import BackupError, ConfigError, IntegrityError, StoreError
 from .lifecycle import (
+    ReadSession,
     SetWriting,
     StreamOptions,
+    check_restorable,
     check_targets,
+    choose_sets,
     manifest_header,
     prepare_targets,
     record_key,
+    stream_into,
+    try_newest_first,
 )
 from .locking import RunLock, lock_path_for
 from .passphrase import load_passphrase
-from .repository import check_set_id, fsync_dir, isoformat, new_set_id, parse_time, utc_now
-from .restore import (
-    UNENCRYPTED_REASON,
-    _stream_into,
-    check_restorable,
-    load_explicit,
-)
+from .repository import fsync_dir, isoformat, new_set_id, parse_time, utc_now
 from .tarsafety import unsafe_member
 
 KIND = "files"
@@ -1076,46 +1071,40 @@ def _is_file_set(entry_or_manifest):
 
 
 class FileRestoreOptions(object):
-    """What a file restore may take (the names check_restorable reads)."""
+    """What a file restore may take (the names choose_sets and check_restorable read)."""
 
     def __init__(
-        self, name=None, allow_unauthenticated=False, allow_unencrypted=False, passphrase_file=None
+        self,
+        name=None,
+        set_id=None,
+        passphrase_file=None,
+        preserve_owner=False,
+        allow_unauthenticated=False,
+        allow_unencrypted=False,
     ):
+        if name is not None:
+            check_set_name(name)
         self.name = name
+        self.set_id = set_id
         self.passphrase_file = passphrase_file
+        self.preserve_owner = bool(preserve_owner)
         self.allow_unauthenticated = bool(allow_unauthenticated)
         self.allow_unencrypted = bool(allow_unencrypted)
 
 
-def file_candidates(repo, name=None, set_id=None, key=None, options=None):
+def file_candidates(repo, options, session):
     """(set ids to try, newest first; sets passed over and why)."""
-    options = options or FileRestoreOptions(name)
-    if set_id is not None:
-        check_set_id(set_id)
-        check_restorable(load_explicit(repo, set_id, key, options), options, key, KIND, "name")
-        return [set_id], []
-    chosen, passed, names = [], [], set()
-    entries = list_catalog(repo, name, key=key)
-    for entry in entries:
-        if entry["state"] == "complete" and not _is_file_set(entry):
-            continue
-        reason = unusable_reason(entry, options.allow_unauthenticated)
-        if reason is None and not entry["encrypted"] and not options.allow_unencrypted:
-            reason = UNENCRYPTED_REASON
-        if reason is not None:
-            passed.append({"set_id": entry["id"], "reason": reason})
-            continue
-        names.add(entry["database"])
-        chosen.append(entry["id"])
-    if name is None and len(names) > 1:
+    chosen, passed, entries = choose_sets(repo, session, options, KIND, "name")
+    names = {e["database"] for e in entries if e["id"] in chosen}
+    if options.name is None and len(names) > 1:
         raise ConfigError(
             "%s holds file sets of several names (%s)" % (repo.url, ", ".join(sorted(names))),
             "set name to the one to restore",
         )
     if not chosen:
-        check_passphrase_opens(entries, repo, options.passphrase_file)
         raise IntegrityError(
-            "no complete file set%s in %s" % (" named %r" % name if name else "", repo.url),
+            "no complete file set%s in %s"
+            % (" named %r" % options.name if options.name else "", repo.url),
             "passed over: %s" % "; ".join("%(set_id)s (%(reason)s)" % p for p in passed)
             if passed
             else "run files_backup first",
@@ -1123,40 +1112,30 @@ def file_candidates(repo, name=None, set_id=None, key=None, options=None):
     return chosen, passed
 
 
-def _attempt(repo, set_id, work, options, state):
-    manifest = load_manifest(repo, set_id, state.get("key"))
-    restorable_warnings = check_restorable(
-        manifest, options["restorable"], state.get("key"), KIND, "name"
-    )
+def _extract(repo, set_id, work, options, session):
+    """Extract ``set_id`` into the new directory ``work``, checked against its manifest;
+    returns (result, manifest). The caller removes ``work`` if this fails."""
+    manifest = load_manifest(repo, set_id, session.key)
+    restorable_warnings = check_restorable(manifest, options, session.key, KIND, "name")
     artifact = next((a for a in manifest["artifacts"] if a["name"] == ARTIFACT_NAME), None)
     if artifact is None or artifact.get("content") != CONTENT:
         raise IntegrityError("set %s holds no %s artifact" % (set_id, CONTENT))
     if repo.artifact_size(set_id, artifact["file"]) is None:
         raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
-    encrypted = manifest["encryption"].get("method") != "none"
-    if encrypted and state.get("gpg") is None:
-        if not options["passphrase_file"]:
-            raise ConfigError(
-                "set %s is encrypted: a passphrase_file is needed to restore it" % set_id,
-                "set passphrase_file to the 0600 file the backups were made with",
-            )
-        state["gpg"] = pipeline.GpgSession(load_passphrase(options["passphrase_file"]))
+    gpg_session = session.gpg_for(manifest)
     recorded = _manifest_files(manifest)
     count, size = recorded.get("count"), recorded.get("bytes")
     os.mkdir(work, 0o700)
-    state["work"] = work
     extractor = FileTarExtractor(
         work,
         strip=_strip_prefix(manifest),
-        preserve_owner=options["preserve_owner"],
+        preserve_owner=options.preserve_owner,
         limit_files=count if isinstance(count, int) else None,
         limit_bytes=size if isinstance(size, int) else None,
     )
     try:
         try:
-            stored = _stream_into(
-                repo, set_id, artifact, manifest, state.get("gpg"), consumer=extractor
-            )
+            stored = stream_into(repo, set_id, artifact, manifest, gpg_session, consumer=extractor)
             extractor.finish()
         except BaseException:
             extractor.abort()
@@ -1260,80 +1239,55 @@ def restore_files(
             "work directories of interrupted restores are still there (they may hold patient "
             "data; remove them): %s" % ", ".join(leftovers)
         )
-    restorable = FileRestoreOptions(name, allow_unauthenticated, allow_unencrypted, passphrase_file)
-    key = RecordKey.from_file(passphrase_file)
-    to_try, passed = file_candidates(repo, name, set_id, key, restorable)
-    if check_mode:
-        manifest = load_manifest(repo, to_try[0], key)
-        return {
-            "changed": mode != "rehearse",
-            "check_mode": True,
-            "set_id": to_try[0],
-            "name": manifest["database"],
-            "database": manifest["database"],
-            "candidates": to_try,
-            "passed_over": passed,
-            "target_dir": target,
-            "target_exists": target_exists,
-            "mode": mode,
-            "warnings": warnings,
-        }
-    options = {
-        "passphrase_file": passphrase_file,
-        "preserve_owner": preserve_owner,
-        "restorable": restorable,
-    }
-    fallback = bool(fallback) and set_id is None
-    damaged = []
-    state = {"key": key}
-    try:
-        for candidate in to_try:
+    options = FileRestoreOptions(
+        name, set_id, passphrase_file, preserve_owner, allow_unauthenticated, allow_unencrypted
+    )
+    with ReadSession(passphrase_file) as session:
+        to_try, passed = file_candidates(repo, options, session)
+        if check_mode:
+            manifest = load_manifest(repo, to_try[0], session.key)
+            return {
+                "changed": mode != "rehearse",
+                "check_mode": True,
+                "set_id": to_try[0],
+                "name": manifest["database"],
+                "database": manifest["database"],
+                "candidates": to_try,
+                "passed_over": passed,
+                "target_dir": target,
+                "target_exists": target_exists,
+                "mode": mode,
+                "warnings": warnings,
+            }
+
+        def attempt(candidate):
             work = target + WORK_MARK + os.urandom(3).hex()
-            state["work"] = None
             try:
-                result, manifest = _attempt(repo, candidate, work, options, state)
-                report = _finalize(target, work, mode, now)
-            except IntegrityError as exc:
-                if state["work"]:
-                    remove_tree(state["work"])
-                if not fallback:
-                    raise
-                damaged.append({"set_id": candidate, "reason": str(exc)})
-                continue
+                result, manifest = _extract(repo, candidate, work, options, session)
+                result.update(_finalize(target, work, mode, now))
             except OSError as exc:
-                if state["work"]:
-                    remove_tree(state["work"])
+                remove_tree(work)
                 raise _store_failure(target, exc) from exc
-            except BaseException as exc:
-                if state["work"]:
-                    remove_tree(state["work"])
-                if damaged and isinstance(exc, BackupError):
-                    exc.hint = (
-                        ((exc.hint + "; ") if exc.hint else "")
-                        + "damaged before: "
-                        + "; ".join("%(set_id)s (%(reason)s)" % s for s in damaged)
-                    )
+            except BaseException:
+                remove_tree(work)
                 raise
-            result.update(report)
-            result["warnings"] = warnings + result["warnings"]
-            result.update(
-                {
-                    "mode": mode,
-                    "target_dir": target,
-                    "duration_seconds": round(time.time() - clock, 3),
-                    "rpo_seconds": round(
-                        (now - parse_time(manifest["started_at"])).total_seconds(), 1
-                    ),
-                    "damaged": damaged,
-                    "passed_over": passed,
-                    "restored_at": isoformat(now),
-                }
+            result["rpo_seconds"] = round(
+                (now - parse_time(manifest["started_at"])).total_seconds(), 1
             )
             return result
-        raise IntegrityError(
-            "no file set could be restored into %s" % target,
-            "tried: %s" % "; ".join("%(set_id)s (%(reason)s)" % s for s in damaged),
+
+        result, damaged = try_newest_first(
+            to_try, attempt, bool(fallback) and set_id is None, target
         )
-    finally:
-        if state.get("gpg") is not None:
-            state["gpg"].close()
+    result["warnings"] = warnings + result["warnings"]
+    result.update(
+        {
+            "mode": mode,
+            "target_dir": target,
+            "duration_seconds": round(time.time() - clock, 3),
+            "damaged": damaged,
+            "passed_over": passed,
+            "restored_at": isoformat(now),
+        }
+    )
+    return result

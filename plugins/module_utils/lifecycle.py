@@ -15,6 +15,14 @@ kind added later), so that none of it is written twice:
 5. ``failure``: what did not reach every target, as one error naming them.
 Anything that goes wrong before the commit aborts every writer: no half set is
 ever listed.
+
+Reading a set back (restore of any kind) is one lifecycle too: ``ReadSession``
+(the record key, one gpg session), ``choose_sets`` (newest first, passing over
+damaged, unauthenticated, unencrypted and other kinds' sets, each with its reason;
+an explicit set id checked by ``check_restorable`` before anything), ``stream_into``
+(stored bytes -> sha256 -> gpg -> decompression -> the kind's consumer, the sha256
+checked at the end) and ``try_newest_first`` (a damaged set falls back to the next
+older one, anything else stops).
 """
 
 from __future__ import absolute_import, division, print_function
@@ -26,9 +34,17 @@ import sys
 import time
 
 from . import authentication, pipeline
-from .catalog import FORMAT_VERSION
-from .errors import BackupError, ConfigError, StoreError, UnreachableError
-from .repository import isoformat, utc_now
+from .catalog import (
+    FORMAT_VERSION,
+    check_passphrase_opens,
+    list_catalog,
+    load_manifest,
+    manifest_authentication,
+    unusable_reason,
+)
+from .errors import BackupError, ConfigError, IntegrityError, StoreError, UnreachableError
+from .passphrase import load_passphrase
+from .repository import check_set_id, isoformat, utc_now
 from .version import TOOL_NAME, TOOL_VERSION
 
 
@@ -343,3 +359,228 @@ class SetWriting(object):
             "the set is complete in %s; the next run retries"
             % ", ".join(t.repo.url for t in self.targets if t.committed),
         )
+
+
+# ---------------------------------------------------------------------- reading sets back
+UNENCRYPTED_REASON = "not encrypted: allow_unencrypted: true restores it"
+
+
+def load_explicit(repo, set_id, key, options):
+    """The manifest of a set asked for by id; a wrong passphrase is the operator's error."""
+    try:
+        return load_manifest(repo, set_id, key)
+    except authentication.OtherPassphraseError:
+        raise ConfigError(
+            "the passphrase in %s does not open set %s: it was sealed with another passphrase "
+            "(or forged)" % (options.passphrase_file, set_id),
+            "use the passphrase file this set was written with; nothing was changed",
+        ) from None
+
+
+KIND_NAMES = {"database": "a database backup", "files": "a file set (uploads or configuration)"}
+
+
+def check_restorable(manifest, options, key, kind="database", name_option="database"):
+    """Refuse a set of another kind or database, an unauthenticated or an unencrypted
+    one unless this run allows it (ConfigError: the operator's call); returns warnings."""
+    set_id = manifest["id"]
+    if manifest.get("kind", "database") != kind:
+        raise ConfigError(
+            "set %s is %s, not %s"
+            % (set_id, KIND_NAMES.get(manifest.get("kind"), "a database backup"), KIND_NAMES[kind]),
+            "restore it with clinic.backup.%s"
+            % ("files_restore" if kind == "database" else "backup_restore"),
+        )
+    wanted = getattr(options, name_option, None)
+    if wanted is not None and manifest["database"] != wanted:
+        raise ConfigError(
+            "set %s is a backup of %r, not of %r" % (set_id, manifest["database"], wanted),
+            "leave %s out or give the set's own %s" % (name_option, name_option),
+        )
+    warnings = []
+    outcome = manifest_authentication(manifest, key)
+    if outcome != authentication.AUTHENTICATED:
+        if not options.allow_unauthenticated:
+            raise ConfigError(
+                "set %s is not authenticated (%s)"
+                % (
+                    set_id,
+                    "no passphrase_file to check it with"
+                    if outcome == authentication.NOT_CHECKED
+                    else "its manifest carries no MAC",
+                ),
+                "it was written before clinic.backup sealed its records, or planted by someone "
+                "who can write to the repository: if you know it is yours, restore it with "
+                "allow_unauthenticated: true",
+            )
+        warnings.append(
+            "set %s is NOT authenticated: nothing proves it was written by clinic.backup with "
+            "this passphrase (restored because allow_unauthenticated is set)" % set_id
+        )
+    if manifest["encryption"]["method"] == "none":
+        if not options.allow_unencrypted:
+            raise ConfigError(
+                "set %s is not encrypted" % set_id,
+                "anyone with access to the repository could read or rewrite it: if you know it "
+                "is yours, restore it with allow_unencrypted: true",
+            )
+        warnings.append(
+            "set %s is not encrypted (restored because allow_unencrypted is set)" % set_id
+        )
+    return warnings
+
+
+def decode_stages(manifest, gpg_session):
+    stages = []
+    if manifest["encryption"].get("method") != "none":
+        argv, fd = gpg_session.decrypt_stage()
+        stages.append(pipeline.Stage("gpg decryption", argv, pass_fds=(fd,)))
+    decompress = pipeline.decompress_argv(manifest["compression"]["algorithm"])
+    if decompress:
+        stages.append(pipeline.Stage("decompression", decompress))
+    return stages
+
+
+def stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=None, consumer=None):
+    """Stream one stored artifact through gpg/decompression into ``last_stage``
+    (a process reading stdin) or ``consumer``; check its sha256 at the end."""
+    name = artifact["file"]
+    reader = pipeline.HashingReader(repo.open_artifact(set_id, name))
+    stages = decode_stages(manifest, gpg_session)
+    if last_stage is not None:
+        stages.append(last_stage)
+    failure = None
+    try:
+        pipeline.run_stream(stages, consumer or (lambda chunk: None), source=reader)
+    except BackupError as exc:
+        failure = exc
+        # A consumer that stopped early (pg_restore on its first error) left bytes
+        # unread: hash them too, so a good set is never blamed for a bad server.
+        for _chunk in reader:
+            pass
+    finally:
+        reader.fileobj.close()
+    intact = reader.sha256 == artifact["sha256"] and reader.size == artifact["size"]
+    if failure is not None:
+        if intact and "Bad session key" in str(failure):
+            raise ConfigError(
+                "the passphrase does not decrypt %s" % repo.location(set_id, name),
+                "use the passphrase this set was encrypted with; the set is intact",
+            )
+        if not intact and reader.size:
+            # Damaged bytes make gpg/zstd/pg_restore fail: name the cause, not the symptom.
+            raise IntegrityError(
+                "%s does not match its manifest (sha256 %s, %d bytes read): %s"
+                % (repo.location(set_id, name), reader.sha256, reader.size, failure)
+            )
+        raise failure
+    if not intact:
+        raise IntegrityError(
+            "%s has sha256 %s (%d bytes), manifest says %s (%d bytes)"
+            % (
+                repo.location(set_id, name),
+                reader.sha256,
+                reader.size,
+                artifact["sha256"],
+                artifact["size"],
+            )
+        )
+    return reader.size
+
+
+class ReadSession(object):
+    """What reading the sets of one run needs: the key that authenticates their records,
+    and one gpg session from the first encrypted set on (a context manager)."""
+
+    def __init__(self, passphrase_file):
+        self.passphrase_file = passphrase_file
+        self._passphrase = load_passphrase(passphrase_file) if passphrase_file else None
+        self.key = authentication.RecordKey(self._passphrase) if self._passphrase else None
+        self._gpg = None
+
+    def gpg_for(self, manifest):
+        """The gpg session that decrypts ``manifest``'s artifacts (None: not encrypted)."""
+        if manifest["encryption"]["method"] == "none":
+            return None
+        if self._gpg is None:
+            if not self._passphrase:
+                raise ConfigError(
+                    "set %s is encrypted: a passphrase_file is needed to restore it"
+                    % manifest["id"],
+                    "set passphrase_file to the 0600 file the backups were made with",
+                )
+            self._gpg = pipeline.GpgSession(self._passphrase)
+        return self._gpg
+
+    def close(self):
+        if self._gpg is not None:
+            self._gpg.close()
+            self._gpg = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def choose_sets(repo, session, options, kind, name_option, accept=None):
+    """(set ids to try, newest first; catalog entries passed over and why; the entries).
+
+    ``options`` carries set_id, allow_unauthenticated, allow_unencrypted and the name
+    attribute ``name_option`` (database, or a file group's name); ``accept(entry)``
+    returns why a complete, usable entry must still be passed over (verified only, not
+    after a moment), or None. An explicit set id is checked and refused before anything.
+    """
+    if options.set_id is not None:
+        check_set_id(options.set_id)
+        manifest = load_explicit(repo, options.set_id, session.key, options)
+        check_restorable(manifest, options, session.key, kind, name_option)
+        return [options.set_id], [], []
+    chosen, passed = [], []
+    entries = list_catalog(repo, getattr(options, name_option), key=session.key)
+    for entry in entries:
+        if entry["state"] == "complete" and entry["manifest"].get("kind", "database") != kind:
+            continue  # another kind's set: its own restore's business
+        reason = unusable_reason(entry, options.allow_unauthenticated)
+        if reason is None and not entry["encrypted"] and not options.allow_unencrypted:
+            reason = UNENCRYPTED_REASON
+        if reason is None and accept is not None:
+            reason = accept(entry)
+        if reason is not None:
+            passed.append({"set_id": entry["id"], "reason": reason})
+            continue
+        chosen.append(entry["id"])
+    if not chosen:
+        check_passphrase_opens(entries, repo, options.passphrase_file)
+    return chosen, passed, entries
+
+
+def try_newest_first(set_ids, attempt, fallback, what):
+    """Run ``attempt(set_id)`` on each set in turn until one succeeds; returns (its result,
+    the sets found damaged before it). ``attempt`` cleans up after itself when it fails.
+
+    A damaged set (IntegrityError) is passed over for the next older one when
+    ``fallback``; anything else (bad input, the server, the passphrase) stops at once: an
+    older set would fail the same way, and older data must never be taken silently.
+    """
+    damaged = []
+    for set_id in set_ids:
+        try:
+            return attempt(set_id), damaged
+        except IntegrityError as exc:
+            if not fallback:
+                raise
+            damaged.append({"set_id": set_id, "reason": str(exc)})
+        except BackupError as exc:
+            if damaged:
+                exc.hint = (
+                    ((exc.hint + "; ") if exc.hint else "")
+                    + "damaged before: "
+                    + "; ".join("%(set_id)s (%(reason)s)" % d for d in damaged)
+                )
+            raise
+    raise IntegrityError(
+        "no backup set could be restored into %s" % what,
+        "tried: %s" % "; ".join("%(set_id)s (%(reason)s)" % d for d in damaged),
+    )

@@ -35,16 +35,16 @@ import tarfile
 import tempfile
 import time
 
-from . import authentication, pipeline, sqlguard
-from .catalog import (
-    check_passphrase_opens,
-    list_catalog,
-    load_manifest,
-    manifest_authentication,
-    unusable_reason,
+from . import pipeline, sqlguard
+from .catalog import load_manifest
+from .errors import ConfigError, IntegrityError, SourceError, StoreError
+from .lifecycle import (
+    ReadSession,
+    check_restorable,
+    choose_sets,
+    stream_into,
+    try_newest_first,
 )
-from .errors import BackupError, ConfigError, IntegrityError, SourceError, StoreError
-from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
 from .repository import check_set_id, isoformat, parse_time, utc_now
 from .tarsafety import unsafe_member
@@ -178,56 +178,21 @@ def previous_database_name(target, moment):
 
 
 # ---------------------------------------------------------------------- choosing a set
-UNENCRYPTED_REASON = "not encrypted: allow_unencrypted: true restores it"
-
-
-def load_explicit(repo, set_id, key, options):
-    """The manifest of a set asked for by id; a wrong passphrase is the operator's error."""
-    try:
-        return load_manifest(repo, set_id, key)
-    except authentication.OtherPassphraseError:
-        raise ConfigError(
-            "the passphrase in %s does not open set %s: it was sealed with another passphrase "
-            "(or forged)" % (options.passphrase_file, set_id),
-            "use the passphrase file this set was written with; nothing was changed",
-        ) from None
-
-
-def candidates(repo, options, key=None):
+def candidates(repo, options, session):
     """(set ids to try in order, ids passed over and why)."""
-    if options.set_id is not None:
-        # Refused before anything is touched: another database's set (mode: replace would
-        # swap its data in), a file set, an unauthenticated or unencrypted one.
-        check_restorable(load_explicit(repo, options.set_id, key, options), options, key)
-        return [options.set_id], []
-    chosen, passed = [], []
-    entries = list_catalog(repo, options.database, key=key)
-    for entry in entries:
-        if entry.get("manifest", {}).get("kind") == "files":
-            continue  # uploads/config sets: files_restore's, not a database's
-        reason = unusable_reason(entry, options.allow_unauthenticated)
-        if reason is None and not entry["encrypted"] and not options.allow_unencrypted:
-            reason = UNENCRYPTED_REASON
-        if reason is not None:
-            passed.append({"set_id": entry["id"], "reason": reason})
-            continue
+
+    def accept(entry):
         if options.require_verified and entry["verification"] != "ok":
-            passed.append(
-                {"set_id": entry["id"], "reason": "verification is %s" % entry["verification"]}
-            )
-            continue
+            return "verification is %s" % entry["verification"]
         if options.not_after is not None and parse_time(entry["finished_at"]) > options.not_after:
-            passed.append(
-                {
-                    "set_id": entry["id"],
-                    "reason": "finished %s, after not_after %s"
-                    % (entry["finished_at"], isoformat(options.not_after)),
-                }
+            return "finished %s, after not_after %s" % (
+                entry["finished_at"],
+                isoformat(options.not_after),
             )
-            continue
-        chosen.append(entry["id"])
+        return None
+
+    chosen, passed, _entries = choose_sets(repo, session, options, "database", "database", accept)
     if not chosen:
-        check_passphrase_opens(entries, repo, options.passphrase_file)
         what = "no complete%s backup set%s%s in %s" % (
             " verified" if options.require_verified else "",
             " of database %r" % options.database if options.database else "",
@@ -467,64 +432,6 @@ class SafeTarExtractor(pipeline.ThreadedConsumer):
 
 
 # ---------------------------------------------------------------------- streaming one artifact
-def _decode_stages(manifest, gpg_session):
-    stages = []
-    if manifest["encryption"].get("method") != "none":
-        argv, fd = gpg_session.decrypt_stage()
-        stages.append(pipeline.Stage("gpg decryption", argv, pass_fds=(fd,)))
-    decompress = pipeline.decompress_argv(manifest["compression"]["algorithm"])
-    if decompress:
-        stages.append(pipeline.Stage("decompression", decompress))
-    return stages
-
-
-def _stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=None, consumer=None):
-    """Stream one stored artifact through gpg/decompression into ``last_stage``
-    (a process reading stdin) or ``consumer``; check its sha256 at the end."""
-    name = artifact["file"]
-    reader = pipeline.HashingReader(repo.open_artifact(set_id, name))
-    stages = _decode_stages(manifest, gpg_session)
-    if last_stage is not None:
-        stages.append(last_stage)
-    failure = None
-    try:
-        pipeline.run_stream(stages, consumer or (lambda chunk: None), source=reader)
-    except BackupError as exc:
-        failure = exc
-        # A consumer that stopped early (pg_restore on its first error) left bytes
-        # unread: hash them too, so a good set is never blamed for a bad server.
-        for _chunk in reader:
-            pass
-    finally:
-        reader.fileobj.close()
-    intact = reader.sha256 == artifact["sha256"] and reader.size == artifact["size"]
-    if failure is not None:
-        if intact and "Bad session key" in str(failure):
-            raise ConfigError(
-                "the passphrase does not decrypt %s" % repo.location(set_id, name),
-                "use the passphrase this set was encrypted with; the set is intact",
-            )
-        if not intact and reader.size:
-            # Damaged bytes make gpg/zstd/pg_restore fail: name the cause, not the symptom.
-            raise IntegrityError(
-                "%s does not match its manifest (sha256 %s, %d bytes read): %s"
-                % (repo.location(set_id, name), reader.sha256, reader.size, failure)
-            )
-        raise failure
-    if not intact:
-        raise IntegrityError(
-            "%s has sha256 %s (%d bytes), manifest says %s (%d bytes)"
-            % (
-                repo.location(set_id, name),
-                reader.sha256,
-                reader.size,
-                artifact["sha256"],
-                artifact["size"],
-            )
-        )
-    return reader.size
-
-
 def _artifact(manifest, name):
     for artifact in manifest["artifacts"]:
         if artifact["name"] == name:
@@ -576,7 +483,7 @@ def _restore_database(repo, set_id, manifest, work, options, gpg_session, bin_di
                 "directory for parallel restores" % options.jobs
             )
         stage = pipeline.Stage("pg_restore", _pg_restore_argv(bin_dir, work, options, 1), env=env)
-        return _stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=stage)
+        return stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=stage)
     if content == "pg_dump-plain":
         if options.no_owner:
             warnings.append("no_owner has no effect on a plain-format dump")
@@ -597,7 +504,7 @@ def _restore_database(repo, set_id, manifest, work, options, gpg_session, bin_di
             os.chmod(scratch, 0o700)
             extractor = SafeTarExtractor(scratch)
             try:
-                size = _stream_into(
+                size = stream_into(
                     repo, set_id, artifact, manifest, gpg_session, consumer=extractor
                 )
                 extractor.finish()
@@ -625,7 +532,7 @@ def _run_script(repo, set_id, artifact, manifest, gpg_session, argv, env):
     sqlguard.check_psql_restricts(argv[0])
     feeder = sqlguard.PsqlFeeder(argv, env)
     try:
-        size = _stream_into(repo, set_id, artifact, manifest, gpg_session, consumer=feeder)
+        size = stream_into(repo, set_id, artifact, manifest, gpg_session, consumer=feeder)
     except BaseException:
         feeder.abort()
         raise
@@ -686,104 +593,88 @@ def _check_other_artifacts(repo, set_id, manifest, gpg_session, bin_dir):
 
 
 # ---------------------------------------------------------------------- one attempt
-KIND_NAMES = {"database": "a database backup", "files": "a file set (uploads or configuration)"}
+class DatabaseRestore(object):
+    """One restore run on one server: each attempt builds a fresh work database, named
+    before it is created so that a failure can always drop it."""
 
+    def __init__(self, repo, server, connection, options, session, now):
+        self.repo = repo
+        self.server = server
+        self.connection = connection
+        self.options = options
+        self.session = session
+        self.now = now
+        self.bin_dir = None
+        self.work = None
 
-def check_restorable(manifest, options, key, kind="database", name_option="database"):
-    """Refuse a set of another kind or database, an unauthenticated or an unencrypted
-    one unless this run allows it (ConfigError: the operator's call); returns warnings."""
-    set_id = manifest["id"]
-    if manifest.get("kind", "database") != kind:
-        raise ConfigError(
-            "set %s is %s, not %s"
-            % (set_id, KIND_NAMES.get(manifest.get("kind"), "a database backup"), KIND_NAMES[kind]),
-            "restore it with clinic.backup.%s"
-            % ("files_restore" if kind == "database" else "backup_restore"),
-        )
-    wanted = getattr(options, name_option, None)
-    if wanted is not None and manifest["database"] != wanted:
-        raise ConfigError(
-            "set %s is a backup of %r, not of %r" % (set_id, manifest["database"], wanted),
-            "leave %s out or give the set's own %s" % (name_option, name_option),
-        )
-    warnings = []
-    outcome = manifest_authentication(manifest, key)
-    if outcome != authentication.AUTHENTICATED:
-        if not options.allow_unauthenticated:
+    def prepare(self):
+        """Check the server and the target before anything; returns whether it exists."""
+        options, server = self.options, self.server
+        server.check_can_create()
+        target_exists = server.exists(options.target_database)
+        if options.mode == "create" and target_exists:
             raise ConfigError(
-                "set %s is not authenticated (%s)"
-                % (
-                    set_id,
-                    "no passphrase_file to check it with"
-                    if outcome == authentication.NOT_CHECKED
-                    else "its manifest carries no MAC",
-                ),
-                "it was written before clinic.backup sealed its records, or planted by someone "
-                "who can write to the repository: if you know it is yours, restore it with "
-                "allow_unauthenticated: true",
+                "database %r already exists" % options.target_database,
+                "restore into another target_database, or use mode: replace "
+                "(the current database is kept aside as the rollback)",
             )
-        warnings.append(
-            "set %s is NOT authenticated: nothing proves it was written by clinic.backup with "
-            "this passphrase (restored because allow_unauthenticated is set)" % set_id
-        )
-    if manifest["encryption"]["method"] == "none":
-        if not options.allow_unencrypted:
+        if options.mode == "rehearse" and target_exists:
             raise ConfigError(
-                "set %s is not encrypted" % set_id,
-                "anyone with access to the repository could read or rewrite it: if you know it "
-                "is yours, restore it with allow_unencrypted: true",
+                "rehearsal database %r already exists" % options.target_database,
+                "choose another target_database for the restore test or drop the old one",
             )
-        warnings.append(
-            "set %s is not encrypted (restored because allow_unencrypted is set)" % set_id
+        self.bin_dir = find_pg_bin_dir(server.server_major(), options.pg_bin_dir)
+        return target_exists
+
+    def attempt(self, set_id):
+        """Restore ``set_id`` and put it where it belongs; returns the result."""
+        self.work = None
+        try:
+            result = self._restore(set_id)
+            result.update(_finalize(self.server, self.options, self.work, self.now))
+            return result
+        except BaseException:
+            _drop_quietly(self.server, self.work)
+            raise
+
+    def _restore(self, set_id):
+        repo, options, bin_dir = self.repo, self.options, self.bin_dir
+        manifest = load_manifest(repo, set_id, self.session.key)
+        warnings = check_restorable(manifest, options, self.session.key)
+        for artifact in manifest["artifacts"]:
+            if repo.artifact_size(set_id, artifact["file"]) is None:
+                raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
+        gpg_session = self.session.gpg_for(manifest)
+        result = {"set_id": set_id, "database": manifest["database"], "format": manifest["format"]}
+        if options.include_globals:
+            result["globals"] = _apply_globals(
+                repo, set_id, manifest, self.server, gpg_session, bin_dir
+            )
+        else:
+            # Not replayed, but a replacement server would need them: read them through.
+            _check_other_artifacts(repo, set_id, manifest, gpg_session, bin_dir)
+        self.work = work_database_name(options.target_database)
+        self.server.create(self.work, options.owner)
+        work = self.connection.for_database(self.work)
+        result["restored_bytes"] = _restore_database(
+            repo, set_id, manifest, work, options, gpg_session, bin_dir, warnings
         )
-    return warnings
-
-
-def _attempt(repo, set_id, server, connection, options, state, bin_dir, now):
-    """Restore one set into a fresh work database (named in ``state["work"]`` before it
-    is created, so a failure can always drop it); returns the result."""
-    manifest = load_manifest(repo, set_id, state.get("key"))
-    warnings = check_restorable(manifest, options, state.get("key"))
-    for artifact in manifest["artifacts"]:
-        if repo.artifact_size(set_id, artifact["file"]) is None:
-            raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
-    encrypted = manifest["encryption"].get("method") != "none"
-    if encrypted and state.get("gpg") is None:
-        if not options.passphrase_file:
-            raise ConfigError(
-                "set %s is encrypted: a passphrase_file is needed to restore it" % set_id,
-                "set passphrase_file to the 0600 file the backups were made with",
-            )
-        state["gpg"] = pipeline.GpgSession(load_passphrase(options.passphrase_file))
-    gpg_session = state.get("gpg")
-    result = {"set_id": set_id, "database": manifest["database"], "format": manifest["format"]}
-    if options.include_globals:
-        result["globals"] = _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir)
-    else:
-        # Not replayed, but a replacement server would need them: read them through.
-        _check_other_artifacts(repo, set_id, manifest, gpg_session, bin_dir)
-    state["work"] = work_database_name(options.target_database)
-    server.create(state["work"], options.owner)
-    work = connection.for_database(state["work"])
-    result["restored_bytes"] = _restore_database(
-        repo, set_id, manifest, work, options, gpg_session, bin_dir, warnings
-    )
-    if options.check_row_counts and manifest.get("row_counts"):
-        counts, missing = _restored_counts(work, manifest["row_counts"])
-        table, problems = compare_row_counts(manifest, counts, missing)
-        result["row_counts"] = table
-        if problems:
-            raise IntegrityError(
-                "the restored database does not match the backup's snapshot: %s"
-                % "; ".join(problems)
-            )
-    elif options.check_row_counts:
-        warnings.append("the manifest of %s records no row counts to compare" % set_id)
-    started = parse_time(manifest["started_at"])
-    result["rpo_seconds"] = round((now - started).total_seconds(), 1)
-    result["backup_started_at"] = manifest["started_at"]
-    result["warnings"] = warnings
-    return result
+        if options.check_row_counts and manifest.get("row_counts"):
+            counts, missing = _restored_counts(work, manifest["row_counts"])
+            table, problems = compare_row_counts(manifest, counts, missing)
+            result["row_counts"] = table
+            if problems:
+                raise IntegrityError(
+                    "the restored database does not match the backup's snapshot: %s"
+                    % "; ".join(problems)
+                )
+        elif options.check_row_counts:
+            warnings.append("the manifest of %s records no row counts to compare" % set_id)
+        started = parse_time(manifest["started_at"])
+        result["rpo_seconds"] = round((self.now - started).total_seconds(), 1)
+        result["backup_started_at"] = manifest["started_at"]
+        result["warnings"] = warnings
+        return result
 
 
 def _finalize(server, options, work_name, now):
@@ -835,79 +726,39 @@ def run_restore(repo, connection, options, check_mode=False, now=None):
     """
     now = now or utc_now()
     clock = time.time()
-    damaged = []
-    key = authentication.RecordKey.from_file(options.passphrase_file)
-    to_try, passed = candidates(repo, options, key)
-    server = Server(connection)
-    state = {"key": key}
-    try:
-        server.check_can_create()
-        target_exists = server.exists(options.target_database)
-        if options.mode == "create" and target_exists:
-            raise ConfigError(
-                "database %r already exists" % options.target_database,
-                "restore into another target_database, or use mode: replace "
-                "(the current database is kept aside as the rollback)",
-            )
-        if options.mode == "rehearse" and target_exists:
-            raise ConfigError(
-                "rehearsal database %r already exists" % options.target_database,
-                "choose another target_database for the restore test or drop the old one",
-            )
-        bin_dir = find_pg_bin_dir(server.server_major(), options.pg_bin_dir)
-        if check_mode:
-            return {
-                "changed": options.mode != "rehearse",
-                "check_mode": True,
-                "set_id": to_try[0],
-                "candidates": to_try,
-                "passed_over": passed,
-                "target_database": options.target_database,
-                "target_exists": target_exists,
-                "mode": options.mode,
-            }
-        for set_id in to_try:
-            state["work"] = None
-            try:
-                result = _attempt(repo, set_id, server, connection, options, state, bin_dir, now)
-                report = _finalize(server, options, state["work"], now)
-            except IntegrityError as exc:
-                # The set is damaged: the next older one may be good.
-                _drop_quietly(server, state["work"])
-                if not options.fallback:
-                    raise
-                damaged.append({"set_id": set_id, "reason": str(exc)})
-                continue
-            except BaseException as exc:
-                # Bad input, the server, the passphrase: an older set would fail the same way.
-                _drop_quietly(server, state["work"])
-                if damaged and isinstance(exc, BackupError):
-                    exc.hint = (
-                        ((exc.hint + "; ") if exc.hint else "")
-                        + "damaged before: "
-                        + ("; ".join("%(set_id)s (%(reason)s)" % s for s in damaged))
-                    )
-                raise
-            result.update(report)
-            result.update(
-                {
-                    "mode": options.mode,
-                    "target_database": options.target_database,
-                    "duration_seconds": round(time.time() - clock, 3),
-                    "damaged": damaged,
+    with ReadSession(options.passphrase_file) as session:
+        to_try, passed = candidates(repo, options, session)
+        server = Server(connection)
+        try:
+            run = DatabaseRestore(repo, server, connection, options, session, now)
+            target_exists = run.prepare()
+            if check_mode:
+                return {
+                    "changed": options.mode != "rehearse",
+                    "check_mode": True,
+                    "set_id": to_try[0],
+                    "candidates": to_try,
                     "passed_over": passed,
-                    "restored_at": isoformat(now),
+                    "target_database": options.target_database,
+                    "target_exists": target_exists,
+                    "mode": options.mode,
                 }
+            result, damaged = try_newest_first(
+                to_try, run.attempt, options.fallback, repr(options.target_database)
             )
-            return result
-        raise IntegrityError(
-            "no backup set could be restored into %r" % options.target_database,
-            "tried: %s" % "; ".join("%(set_id)s (%(reason)s)" % s for s in damaged),
-        )
-    finally:
-        if state.get("gpg") is not None:
-            state["gpg"].close()
-        server.close()
+        finally:
+            server.close()
+    result.update(
+        {
+            "mode": options.mode,
+            "target_database": options.target_database,
+            "duration_seconds": round(time.time() - clock, 3),
+            "damaged": damaged,
+            "passed_over": passed,
+            "restored_at": isoformat(now),
+        }
+    )
+    return result
 
 
 def _drop_quietly(server, name):

@@ -3,18 +3,28 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Prometheus textfile metrics (node_exporter's textfile collector).
 
-One file per database and job; written atomically so the collector never
-reads half a file.  The seed's alert rules use ``*_last_success_timestamp``
-and ``*_last_status``.
+One file per database and job, ``clinic_backup_<job>.<name>.prom``, written
+atomically so the collector never reads half a file.  ``<name>`` is the database's
+file-safe name plus a short hash of the real name when the two differ, so that
+``clinic db`` and ``clinic_db`` never share (and inherit each other's) metrics; the
+``database`` label holds the real name.  The seed's alert rules use
+``*_last_success_timestamp`` and ``*_last_status``.
+
+A run that found the repository locked and gave up (exit 75) writes
+``clinic_backup_skipped_<job>.<name>.prom`` instead: the job's own file belongs to
+the run that holds the lock, and a skip must not overwrite its outcome.
 """
 
 from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import errno
+import hashlib
 import os
 import time
 
+from .errors import StoreError
 from .repository import atomic_write, safe_name
 
 
@@ -37,10 +47,48 @@ def read_previous(path):
     return values
 
 
+def file_stem(database):
+    """The database's part of a metrics file name: one per distinct database name."""
+    name = safe_name(database)
+    if name != database:
+        name += "-" + hashlib.sha256(database.encode("utf-8")).hexdigest()[:8]
+    return name
+
+
+def metrics_path(directory, job, database, skipped=False):
+    prefix = "clinic_backup_skipped_" if skipped else "clinic_backup_"
+    return os.path.join(directory, "%s%s.%s.prom" % (prefix, job, file_stem(database)))
+
+
+def _write(directory, path, rows, labels):
+    lines = []
+    for name, kind, help_text, value in rows:
+        lines.append("# HELP %s %s" % (name, help_text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        lines.append("%s%s %s" % (name, labels, repr(float(value))))
+    try:
+        if os.path.lexists(directory) and not os.path.isdir(directory):
+            raise StoreError(
+                "metrics directory %s is not a directory" % directory,
+                "point --metrics-dir at node_exporter's textfile directory",
+            )
+        os.makedirs(directory, exist_ok=True)
+        atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"), mode=0o644)
+    except OSError as exc:
+        hint = "the filesystem holding it is full" if exc.errno == errno.ENOSPC else None
+        raise StoreError(
+            "cannot write metrics file %s: %s" % (path, exc.strerror or exc), hint
+        ) from exc
+    return path
+
+
 def write_job_metrics(directory, job, database, ok, duration=None, size=None, rpo=None, now=None):
-    """Write ``clinic_backup_<job>.<database>.prom``; returns its path."""
+    """Write ``clinic_backup_<job>.<name>.prom``; returns its path.
+
+    Raises StoreError (naming the file) when it cannot be written.
+    """
     now = time.time() if now is None else now
-    path = os.path.join(directory, "clinic_backup_%s.%s.prom" % (job, safe_name(database)))
+    path = metrics_path(directory, job, database)
     previous = read_previous(path)
     # "operation", not "job": Prometheus owns "job" (the scrape job) and would rename ours.
     labels = '{database="%s",operation="%s"}' % (_escape(database), _escape(job))
@@ -48,33 +96,57 @@ def write_job_metrics(directory, job, database, ok, duration=None, size=None, rp
     rows = [
         (
             "clinic_backup_last_status",
+            "gauge",
             "0 when the last run succeeded, 1 when it failed",
             0 if ok else 1,
         ),
-        ("clinic_backup_last_run_timestamp_seconds", "Unix time the last run ended", now),
+        ("clinic_backup_last_run_timestamp_seconds", "gauge", "Unix time the last run ended", now),
         (
             "clinic_backup_last_success_timestamp_seconds",
+            "gauge",
             "Unix time of the last successful run",
             last_success,
         ),
     ]
     if duration is not None:
-        rows.append(("clinic_backup_last_duration_seconds", "Wall time of the last run", duration))
+        rows.append(
+            ("clinic_backup_last_duration_seconds", "gauge", "Wall time of the last run", duration)
+        )
     if size is not None:
-        rows.append(("clinic_backup_last_size_bytes", "Stored bytes of the last backup set", size))
+        rows.append(
+            ("clinic_backup_last_size_bytes", "gauge", "Stored bytes of the last backup set", size)
+        )
     if rpo is not None:
         rows.append(
             (
                 "clinic_backup_restore_test_rpo_seconds",
+                "gauge",
                 "Age of the data the last successful restore test brought back",
                 rpo,
             )
         )
-    lines = []
-    for name, help_text, value in rows:
-        lines.append("# HELP %s %s" % (name, help_text))
-        lines.append("# TYPE %s gauge" % name)
-        lines.append("%s%s %s" % (name, labels, repr(float(value))))
-    os.makedirs(directory, exist_ok=True)
-    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"), mode=0o644)
-    return path
+    return _write(directory, path, rows, labels)
+
+
+def write_skipped_metrics(directory, job, database, now=None):
+    """Record a run that gave up waiting for the repository lock (nothing was done):
+    ``clinic_backup_skipped_<job>.<name>.prom``; returns its path. Raises StoreError."""
+    now = time.time() if now is None else now
+    path = metrics_path(directory, job, database, skipped=True)
+    previous = read_previous(path)
+    labels = '{database="%s",operation="%s"}' % (_escape(database), _escape(job))
+    rows = [
+        (
+            "clinic_backup_skipped_total",
+            "counter",
+            "Runs that found the repository locked and did nothing",
+            previous.get("clinic_backup_skipped_total", 0) + 1,
+        ),
+        (
+            "clinic_backup_last_skipped_timestamp_seconds",
+            "gauge",
+            "Unix time of the last run that found the repository locked and did nothing",
+            now,
+        ),
+    ]
+    return _write(directory, path, rows, labels)

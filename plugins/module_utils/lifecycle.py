@@ -235,8 +235,7 @@ def filter_stages(options, gpg_session):
     if options.compress_argv:
         stages.append(pipeline.Stage(options.compression, options.compress_argv))
     if gpg_session is not None:
-        argv, fd = gpg_session.encrypt_stage()
-        stages.append(pipeline.Stage("gpg encryption", argv, pass_fds=(fd,)))
+        stages.append(gpg_session.encryption())
     return stages
 
 
@@ -433,8 +432,7 @@ def check_restorable(manifest, options, key, kind="database", name_option="datab
 def decode_stages(manifest, gpg_session):
     stages = []
     if manifest["encryption"].get("method") != "none":
-        argv, fd = gpg_session.decrypt_stage()
-        stages.append(pipeline.Stage("gpg decryption", argv, pass_fds=(fd,)))
+        stages.append(gpg_session.decryption())
     decompress = pipeline.decompress_argv(manifest["compression"]["algorithm"])
     if decompress:
         stages.append(pipeline.Stage("decompression", decompress))

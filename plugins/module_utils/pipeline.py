@@ -236,6 +236,17 @@ class GpgSession(object):
         fd = self._passphrase_fd()
         return self._argv(fd, "--decrypt", "--output", "-"), fd
 
+    def encryption(self):
+        """The encryption Stage of a pipeline."""
+        argv, fd = self.encrypt_stage()
+        return Stage("gpg encryption", argv, env=_untranslated(), pass_fds=(fd,))
+
+    def decryption(self):
+        """The decryption Stage of a pipeline. Its messages stay untranslated: a wrong
+        passphrase is told from damage by gpg's "Bad session key"."""
+        argv, fd = self.decrypt_stage()
+        return Stage("gpg decryption", argv, env=_untranslated(), pass_fds=(fd,))
+
     def _passphrase_fd(self):
         read_fd, write_fd = os.pipe()
         try:
@@ -252,6 +263,13 @@ class GpgSession(object):
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def _untranslated():
+    env = dict(os.environ)
+    env.pop("LANGUAGE", None)
+    env["LC_ALL"] = "C"
+    return env
 
 
 class Stage(object):

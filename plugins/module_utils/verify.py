@@ -234,8 +234,7 @@ def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep
     encrypted = manifest["encryption"].get("method") != "none"
     if deep:
         if encrypted:
-            argv, fd = gpg_session.decrypt_stage()
-            stages.append(pipeline.Stage("gpg decryption", argv, pass_fds=(fd,)))
+            stages.append(gpg_session.decryption())
         decompress = pipeline.decompress_argv(manifest["compression"]["algorithm"])
         if decompress:
             stages.append(pipeline.Stage("decompression", decompress))

@@ -122,3 +122,16 @@ def test_wrong_passphrase_fails_decryption():
             collect(
                 [pipeline.Stage("gpg decryption", argv, pass_fds=(fd,))], source=iter([encrypted])
             )
+
+
+def test_a_wrong_passphrase_is_recognised_whatever_the_hosts_language(tmp_path, monkeypatch):
+    """gpg's messages are translated by LANG/LC_ALL; the engine tells a wrong passphrase
+    from damage by "Bad session key", so its gpg stages always speak C."""
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    monkeypatch.setenv("LANGUAGE", "de")
+    stored = []
+    with pipeline.GpgSession(b"right passphrase") as session:
+        pipeline.run_stream([session.encryption()], stored.append, source=[b"patient rows"])
+    with pipeline.GpgSession(b"wrong passphrase") as session:
+        with pytest.raises(BackupError, match="Bad session key"):
+            pipeline.run_stream([session.decryption()], lambda chunk: None, source=stored)

@@ -11,7 +11,7 @@ that is kept; the oldest sets only go once newer periods with sets replace them.
 Periods are taken in UTC from each set's ``started_at`` (days ``2026-11-29``, ISO
 weeks ``2026-W48``, months ``2026-11``, years ``2026``).  The rules overlap as in
 restic: one set can be the daily, weekly, monthly and yearly pick at once, so the
-seed policy (7 days, 4 weeks, 12 months, 7 years) keeps about 25 sets, not 30.
+runbook policy (7 days, 4 weeks, 12 months, 7 years) keeps about 25 sets, not 30.
 
 Whatever the policy, these safety rules hold for each database separately:
 
@@ -74,7 +74,7 @@ def period_key(rule, moment):
 class RetentionPolicy(object):
     """How many daily, weekly, monthly and yearly sets to keep, plus a floor.
 
-    The defaults are the seed policy: 7 days, 4 weeks, 12 months, 7 years, and never
+    The defaults are the runbook's policy: 7 days, 4 weeks, 12 months, 7 years, and never
     fewer than 3 sets.  Raises ConfigError for negative or non-integer counts and for
     a policy whose four period counts are all zero (it would delete every backup).
     """
@@ -101,7 +101,7 @@ class RetentionPolicy(object):
                 "retention policy keeps no daily, weekly, monthly or yearly set:"
                 " it would delete every backup but the newest",
                 "set at least one of keep_daily, keep_weekly, keep_monthly, keep_yearly,"
-                " e.g. the seed policy 7/4/12/7",
+                " e.g. the runbook's policy 7/4/12/7",
             )
         self.daily = daily
         self.weekly = weekly

@@ -13,7 +13,7 @@ short_description: Delete old backup sets by a grandfather-father-son policy, sa
 version_added: 0.1.0
 description:
   - Applies a retention policy to a local repository, an S3 prefix, or both, and deletes the backup sets it
-    does not keep. The default is the seed policy "7 days, 4 weeks, 12 months, 7 years".
+    does not keep. The default is the runbook's policy "7 days, 4 weeks, 12 months, 7 years".
   - Counts work like C(--keep-daily) and friends in borg and restic. O(keep_daily=7) keeps the newest set
     of each of the 7 most recent days B(that have sets), not of the last 7 calendar days, so a missed
     night never shortens the history kept. Weeks are ISO weeks, and days, weeks, months and years are
@@ -92,7 +92,7 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Apply the seed policy (7 days, 4 weeks, 12 months, 7 years) to the local repository
+- name: Apply the runbook's policy (7 days, 4 weeks, 12 months, 7 years) to the local repository
   clinic.backup.backup_retention:
     repository: /var/backups/clinic/db
 

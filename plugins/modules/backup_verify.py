@@ -84,7 +84,7 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Verify the newest backup (the seed's daily check, 25 hours maximum age)
+- name: Verify the newest backup (the runbook's daily check, 25 hours maximum age)
   clinic.backup.backup_verify:
     repository: /var/backups/clinic/db
     passphrase_file: /root/.backup-passphrase

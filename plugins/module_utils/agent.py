@@ -13,8 +13,13 @@ The config file is JSON whose keys are the modules' parameters (the role
 renders it from the same variables), so there is one vocabulary and one
 implementation; "audit_log" names the audit log every command but list appends
 to. Output is one JSON document on stdout; exit codes: 0 success, 1 failure
-(including an operation the audit log could not record), 2 bad configuration,
-75 another run holds the lock.
+(including an operation the audit log or the metrics could not record), 2 bad
+configuration, 75 another run held the lock for all of ``--lock-wait`` seconds (config
+key ``lock_wait``, default 0: give up at once). A run that gives up is still recorded:
+an audit record with outcome ``skipped`` and ``clinic_backup_skipped_<job>.<name>.prom``.
+
+The config must be a regular file; one that holds a password or an AWS secret must not
+be readable by group or others (the passphrase file is held to the same rule).
 """
 
 from __future__ import absolute_import, division, print_function
@@ -25,18 +30,22 @@ import argparse
 import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import time
+import traceback
 
+from .audit import AuditLog
 from .backup import BackupOptions, run_backup
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, LockedError
 from .files import FileBackupOptions, restore_files, run_file_backup
-from .metrics import write_job_metrics
+from .metrics import write_job_metrics, write_skipped_metrics
 from .module_support import (
     AWS_CREDENTIAL_ARGS,
     CONNECTION_ARGS,
+    S3_LOCATION_ARGS,
     audit_record,
     connection_from_params,
     error_result,
@@ -44,6 +53,7 @@ from .module_support import (
     repository_names,
     s3_repository,
 )
+from .pgsource import parse_url
 from .repository import safe_name
 from .restore import RestoreOptions, run_restore
 from .retention import RetentionPolicy, apply_retention, lock_paths_for
@@ -71,17 +81,72 @@ BACKUP_OPTION_KEYS = (
 )
 
 
+# What a config may hold that nobody but the backup user may read.
+SECRET_KEYS = ("login_password", "aws_secret_key", "aws_session_token")
+MAX_CONFIG_BYTES = 1024 * 1024
+# Waiting for the repository lock: first pause, and the longest one (seconds).
+LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.5, 30.0
+
+
 def load_config(path):
+    # O_NONBLOCK: a FIFO planted as the config must be refused, not waited on forever.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(path) as handle:
-            config = json.load(handle)
+        fd = os.open(path, flags)
     except OSError as exc:
         raise ConfigError("cannot read config %s: %s" % (path, exc.strerror)) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(
+                "config %s is not a regular file" % path,
+                "give the path of the JSON config file (the backup_agent role writes one per database)",
+            )
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                "config %s is %d bytes, more than a config ever needs" % (path, info.st_size)
+            )
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as exc:
+        raise ConfigError("cannot read config %s: %s" % (path, exc.strerror)) from exc
+    finally:
+        os.close(fd)
+    try:
+        config = json.loads(b"".join(chunks).decode("utf-8"))
     except ValueError as exc:
         raise ConfigError("config %s is not valid JSON: %s" % (path, exc)) from exc
     if not isinstance(config, dict):
         raise ConfigError("config %s must hold a JSON object" % path)
+    secrets = secrets_in(config)
+    if secrets and info.st_mode & 0o077:
+        raise ConfigError(
+            "config %s holds %s but is readable by group or others (mode %s)"
+            % (path, ", ".join(secrets), oct(stat.S_IMODE(info.st_mode))),
+            "run chmod 0600 %s (owned by the user that runs the backups)" % path,
+        )
     return config
+
+
+def secrets_in(config):
+    """Names of the config keys that hold a secret (a password, an AWS key or token)."""
+    found = [k for k in SECRET_KEYS if config.get(k)]
+    url = config.get("database_url")
+    if isinstance(url, str) and url:
+        try:
+            if parse_url(url).get("password"):
+                found.append("database_url (with a password)")
+        except ConfigError:
+            # Not parseable: may still carry a password; treat it as secret.
+            found.append("database_url")
+    rehearsal = config.get("restore_test")
+    if isinstance(rehearsal, dict) and rehearsal.get("login_password"):
+        found.append("restore_test.login_password")
+    return found
 
 
 # A file group's config (files-backup): the files_backup module's options.
@@ -101,7 +166,17 @@ CONFIG_KEYS = (
     frozenset(BACKUP_OPTION_KEYS)
     | frozenset(CONNECTION_ARGS)
     | frozenset(AWS_CREDENTIAL_ARGS)
-    | frozenset(("repository", "s3_targets", "verify", "restore_test", "retention", "audit_log"))
+    | frozenset(
+        (
+            "repository",
+            "s3_targets",
+            "verify",
+            "restore_test",
+            "retention",
+            "audit_log",
+            "lock_wait",
+        )
+    )
     | frozenset(FILE_OPTION_KEYS)
 )
 # Keys of "retention" (the backup_retention module's option names) -> RetentionPolicy's.
@@ -142,11 +217,67 @@ INT_KEYS = (
     "s3_retries",
 )
 LIST_KEYS = ("tables", "exclude_tables", "s3_targets", "paths", "exclude")
+STRING_LIST_KEYS = ("tables", "exclude_tables", "paths", "exclude")
+BOOL_KEYS = ("schema_only", "data_only", "encrypt", "include_globals", "row_counts")
+STRING_KEYS = tuple(
+    sorted(
+        CONFIG_KEYS
+        - frozenset(INT_KEYS + LIST_KEYS + BOOL_KEYS)
+        - frozenset(("verify", "restore_test", "retention", "lock_wait"))
+    )
+)
+# Keys of "verify" (verify_set's options) and their kinds.
+VERIFY_KEYS = {"deep": "boolean", "max_age_hours": "number", "size_tolerance_percent": "number"}
+RESTORE_TEST_KINDS = {"jobs": "integer", "login_port": "integer", "require_verified": "boolean"}
+
+
+def _kind_ok(value, kind):
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "list":
+        return isinstance(value, list)
+    raise ValueError(kind)
+
+
+def _check_kind(where, value, kind):
+    """ConfigError unless ``value`` (of config key ``where``) is null or of ``kind``."""
+    if value is not None and not _kind_ok(value, kind):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ConfigError(
+            "config key %s must be %s %s (got %r)" % (where, article, kind, value),
+            "fix the JSON config: %s"
+            % {
+                "string": 'quote it, e.g. "clinic_db"',
+                "boolean": "true or false, without quotes",
+                "integer": "a whole number without quotes, e.g. 4",
+                "number": "a number without quotes, e.g. 25",
+                "object": 'a JSON object, e.g. {"deep": true}',
+                "list": 'a JSON list, e.g. ["a", "b"]',
+            }[kind],
+        )
+
+
+def _check_unknown(where, mapping, allowed):
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            "%s has unknown key(s): %s" % (where, ", ".join(unknown)),
+            "allowed: %s" % ", ".join(sorted(allowed)),
+        )
 
 
 def check_config(config):
     """Reject what the module's argument spec would reject: a typo must not silently drop
-    a target, and text where a number belongs must not end in a traceback."""
+    a target, and a value of the wrong type (at any depth) must end in a ConfigError
+    naming the key, never in a traceback."""
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
         raise ConfigError(
@@ -154,35 +285,96 @@ def check_config(config):
             "the keys are the pg_dump module's parameters (ansible-doc clinic.backup.pg_dump)",
         )
     for key in INT_KEYS:
-        value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError("config key %s must be an integer (got %r)" % (key, value))
+        _check_kind(key, config.get(key), "integer")
+    for key in BOOL_KEYS:
+        _check_kind(key, config.get(key), "boolean")
+    for key in STRING_KEYS:
+        _check_kind(key, config.get(key), "string")
     for key in LIST_KEYS:
-        value = config.get(key)
-        if value is not None and not isinstance(value, list):
-            raise ConfigError("config key %s must be a list (got %r)" % (key, value))
-    for target in config.get("s3_targets") or []:
+        _check_kind(key, config.get(key), "list")
+    for key in STRING_LIST_KEYS:
+        for index, item in enumerate(config.get(key) or []):
+            _check_kind("%s[%d]" % (key, index), item, "string")
+    lock_wait(config, None)
+    for index, target in enumerate(config.get("s3_targets") or []):
         if not isinstance(target, dict) or not target.get("bucket"):
             raise ConfigError("every entry of s3_targets needs a bucket (got %r)" % (target,))
+        _check_unknown("s3_targets[%d]" % index, target, S3_LOCATION_ARGS)
+        for key, value in target.items():
+            _check_kind("s3_targets[%d].%s" % (index, key), value, "string")
+    verify = config.get("verify")
+    _check_kind("verify", verify, "object")
+    _check_unknown("verify", verify or {}, VERIFY_KEYS)
+    for key, kind in VERIFY_KEYS.items():
+        _check_kind("verify.%s" % key, (verify or {}).get(key), kind)
     policy = config.get("retention")
-    if policy is not None and not isinstance(policy, dict):
-        raise ConfigError("config key retention must be an object (got %r)" % (policy,))
-    unknown = sorted(set(policy or {}) - set(RETENTION_KEYS))
-    if unknown:
-        raise ConfigError(
-            "retention has unknown key(s): %s" % ", ".join(unknown),
-            "allowed: %s" % ", ".join(RETENTION_KEYS),
-        )
+    _check_kind("retention", policy, "object")
+    _check_unknown("retention", policy or {}, RETENTION_KEYS)
+    for key in policy or {}:
+        _check_kind("retention.%s" % key, policy[key], "integer")
     rehearsal = config.get("restore_test")
-    if rehearsal is not None:
-        if not isinstance(rehearsal, dict):
-            raise ConfigError("config key restore_test must be an object (got %r)" % (rehearsal,))
-        unknown = sorted(set(rehearsal) - RESTORE_TEST_KEYS)
-        if unknown:
-            raise ConfigError(
-                "restore_test has unknown key(s): %s" % ", ".join(unknown),
-                "allowed: %s" % ", ".join(sorted(RESTORE_TEST_KEYS)),
-            )
+    _check_kind("restore_test", rehearsal, "object")
+    _check_unknown("restore_test", rehearsal or {}, RESTORE_TEST_KEYS)
+    for key, value in (rehearsal or {}).items():
+        _check_kind("restore_test.%s" % key, value, RESTORE_TEST_KINDS.get(key, "string"))
+
+
+def lock_wait(config, given):
+    """Seconds to wait for the repository lock: --lock-wait, else the config's lock_wait, else 0."""
+    value = given if given is not None else config.get("lock_wait")
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(
+            "lock_wait must be a number of seconds, 0 or more (got %r)" % (value,),
+            "e.g. 1800 to queue behind a backup of another database for up to 30 minutes",
+        )
+    return float(value)
+
+
+def run_waiting(command, config, args, wait):
+    """Run ``command``; while the repository lock is held, retry (pausing 0.5 s, doubling
+    up to 30 s) until ``wait`` seconds have passed. The engine raises LockedError before
+    it writes anything, so a retry starts clean."""
+    deadline = time.monotonic() + wait
+    pause = LOCK_RETRY_FIRST
+    announced = False
+    while True:
+        try:
+            return command(config, args)
+        except LockedError as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if wait > 0:
+                    exc.message = "%s; gave up after waiting %.0f seconds" % (exc.message, wait)
+                    exc.hint = (
+                        "the other run took longer than lock_wait; this run did nothing"
+                        " (raise lock_wait or spread the cron schedules)"
+                    )
+                raise
+            if not announced:
+                # stderr goes to the cron log: say why the run is quiet for a while.
+                sys.stderr.write("%s; waiting up to %.0f seconds\n" % (exc.message, wait))
+                sys.stderr.flush()
+                announced = True
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, LOCK_RETRY_MAX)
+
+
+def database_name(config):
+    """The database (or file group) a run is about, for its metrics and audit record."""
+    for key in ("database", "name"):
+        if isinstance(config.get(key), str) and config[key]:
+            return config[key]
+    url = config.get("database_url")
+    if isinstance(url, str) and url:
+        try:
+            name = parse_url(url).get("dbname")
+        except ConfigError:
+            name = None
+        if name:
+            return name
+    return "unknown"
 
 
 def repositories(config, for_writing):
@@ -328,12 +520,54 @@ def _terminate(signum, _frame):
     raise SystemExit(128 + signum)
 
 
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more (got %r)" % text)
+    return value
+
+
+def _record_skip(config, args, database, result):
+    """A run that gave up on the lock did nothing, but must not pass unnoticed:
+    an audit record (outcome skipped) and the skipped-runs metrics. Returns problems."""
+    problems = []
+    job = METRIC_JOBS.get(args.command)
+    if job and config.get("audit_log"):
+        try:
+            AuditLog(config["audit_log"]).record(
+                AUDIT_ACTIONS[args.command],
+                "skipped",
+                database=database,
+                repositories=repository_names(config),
+                error_type="LockedError",
+                detail=str(result.get("msg", ""))[:1000],
+            )
+        except (BackupError, OSError, ValueError) as exc:
+            problems.append("the audit record of the skipped run could not be written: %s" % exc)
+    if job and args.metrics_dir:
+        try:
+            write_skipped_metrics(args.metrics_dir, job, database)
+        except BackupError as exc:
+            problems.append("the skipped run could not be recorded in the metrics: %s" % exc)
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="clinic-backup", description="clinic.backup host agent")
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--config", required=True, help="JSON file with the module parameters")
     parser.add_argument("--set-id", help="set to verify or rehearse (default: the newest)")
     parser.add_argument("--metrics-dir", help="write Prometheus textfile metrics here")
+    parser.add_argument(
+        "--lock-wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="while another run holds the repository lock, wait up to this long"
+        " (default: the config's lock_wait, else 0: exit 75 at once)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     started = time.time()
@@ -341,9 +575,10 @@ def main(argv=None):
     config = {}
     try:
         config = load_config(args.config)
-        database = config.get("database") or config.get("name") or "unknown"
+        database = database_name(config)
         check_config(config)
-        result = COMMANDS[args.command](config, args)
+        wait = lock_wait(config, args.lock_wait)
+        result = run_waiting(COMMANDS[args.command], config, args, wait)
         code = EXIT_OK
     except LockedError as exc:
         result, code = error_result(exc), EXIT_LOCKED
@@ -358,32 +593,60 @@ def main(argv=None):
         result = {
             "msg": "terminated by signal %d before the %s finished" % (code - 128, args.command)
         }
-    if args.command in AUDIT_ACTIONS and code != EXIT_LOCKED:
-        problem = audit_record(
-            config.get("audit_log"),
-            AUDIT_ACTIONS[args.command],
-            code == EXIT_OK,
-            dict(result, database=result.get("database") or database),
-            repository_names(config),
-        )
+    except Exception as exc:  # a bug must still reach the metrics and the audit log
+        traceback.print_exc()
+        result = {
+            "msg": "internal error in the %s: %s: %s" % (args.command, exc.__class__.__name__, exc),
+            "error_type": exc.__class__.__name__,
+        }
+        code = EXIT_FAILED
+    if code == EXIT_LOCKED:
+        for problem in _record_skip(config, args, database, result):
+            # Still 75: the run was skipped; the warning says what else went wrong.
+            result.setdefault("warnings", []).append(problem)
+    elif args.command in AUDIT_ACTIONS:
+        try:
+            problem = audit_record(
+                config.get("audit_log"),
+                AUDIT_ACTIONS[args.command],
+                code == EXIT_OK,
+                dict(result, database=result.get("database") or database),
+                repository_names(config),
+            )
+        except (OSError, ValueError, TypeError) as exc:
+            problem = "the audit record could not be written: %s" % exc
         if problem:
             # An operation nobody can account for is not a success.
             result.setdefault("warnings", []).append(problem)
             code = EXIT_FAILED if code == EXIT_OK else code
             result.setdefault("msg", problem)
-    result["ok"] = code == EXIT_OK
     if args.metrics_dir and args.command in METRIC_JOBS and code != EXIT_LOCKED:
-        write_job_metrics(
-            args.metrics_dir,
-            METRIC_JOBS[args.command],
-            database,
-            code == EXIT_OK,
-            duration=time.time() - started,
-            size=result.get("size"),
-            rpo=result.get("rpo_seconds") if code == EXIT_OK else None,
-        )
-    json.dump(result, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+        try:
+            write_job_metrics(
+                args.metrics_dir,
+                METRIC_JOBS[args.command],
+                database,
+                code == EXIT_OK,
+                duration=time.time() - started,
+                size=result.get("size"),
+                rpo=result.get("rpo_seconds") if code == EXIT_OK else None,
+            )
+        except BackupError as exc:
+            # Monitoring that cannot see the run would report the previous outcome.
+            problem = "the metrics could not be written: %s" % exc
+            result.setdefault("warnings", []).append(problem)
+            if code == EXIT_OK:
+                code = EXIT_FAILED
+                result["msg"] = problem
+            else:
+                result.setdefault("msg", problem)
+    result["ok"] = code == EXIT_OK
+    try:
+        json.dump(result, sys.stdout, indent=2, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass  # stdout is gone (a closed pipe): the exit code still tells
     return code
 
 

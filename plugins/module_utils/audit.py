@@ -10,7 +10,8 @@ One JSON object per line (JSON lines), for example::
      "time":"2026-11-22T01:00:07.123456Z","tool_version":"0.1.0","uid":0,"user":"root"}
 
 Every record carries the UTC time, the action (backup, verify, restore, restore_test,
-retention, transfer), the outcome (ok, failed, refused), the host, the OS user (from
+retention, transfer), the outcome (ok, failed, refused, or skipped: a host agent run
+that found the repository locked and did nothing), the host, the OS user (from
 the effective uid, not from $USER; ``sudo_user`` too when run through sudo), the pid
 and the tool version, plus the caller's fields (set_id, database, repository, target,
 detail...). Caller fields go through redact() first: no password, passphrase, token or
@@ -67,7 +68,7 @@ from .repository import fsync_dir, isoformat, utc_now
 from .version import TOOL_VERSION
 
 ACTIONS = ("backup", "verify", "restore", "restore_test", "retention", "transfer", "credentials")
-OUTCOMES = ("ok", "failed", "refused")
+OUTCOMES = ("ok", "failed", "refused", "skipped")
 RESERVED = frozenset(
     (
         "time",

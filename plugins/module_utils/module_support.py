@@ -112,8 +112,8 @@ def s3_target_options():
     return options
 
 
-def local_repository(path, must_exist=True):
-    return LocalRepository(path, must_exist=must_exist)
+def local_repository(path, must_exist=True, create_parents=False):
+    return LocalRepository(path, must_exist=must_exist, create_parents=create_parents)
 
 
 def repositories_from_params(params):

@@ -262,12 +262,15 @@ class LocalSetWriter(object):
 class LocalRepository(object):
     kind = "local"
 
-    def __init__(self, path, must_exist=True):
+    def __init__(self, path, must_exist=True, create_parents=False):
         if not path or not os.path.isabs(path):
             raise ConfigError(
                 "repository path %r must be absolute" % (path,), "e.g. /var/backups/clinic/db"
             )
         self.path = os.path.normpath(path)
+        # A missing repository is created, but not a missing parent: with a backup disk
+        # unmounted or a typo in the path, sets would land on the wrong disk.
+        self.create_parents = bool(create_parents)
         if must_exist and not os.path.isdir(self.path):
             raise ConfigError(
                 "repository %s does not exist" % self.path,
@@ -310,6 +313,18 @@ class LocalRepository(object):
     def check_writable(self):
         """Fail before any work if the repository cannot take a new set."""
         self._refuse_world_writable()
+        parent_dir = os.path.dirname(self.path)
+        if (
+            not self.create_parents
+            and not os.path.isdir(self.path)
+            and not os.path.isdir(parent_dir)
+        ):
+            raise ConfigError(
+                "repository %s does not exist, and neither does its parent directory %s"
+                % (self.path, parent_dir),
+                "is the backup disk mounted? Check the path for a typo; to create the whole "
+                "path on purpose, set create_repository: true",
+            )
         parent = self.path
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)

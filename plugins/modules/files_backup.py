@@ -36,6 +36,7 @@ author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.repository
   - clinic.backup.audit
   - clinic.backup.s3
   - clinic.backup.s3.targets
@@ -95,7 +96,7 @@ options:
     type: path
   repository:
     description:
-      - Local repository directory (created with mode V(0700) if missing).
+      - Local repository directory (created with mode V(0700) if missing; see O(create_repository)).
       - Prefer a repository of its own for file sets (for example C(/var/backups/clinic/files)); sets in one
         repository share its lock, so a long database backup would make a file backup wait.
     type: path
@@ -250,6 +251,7 @@ def argument_spec():
         encrypt=dict(type="bool", default=True),
         passphrase_file=dict(type="path", no_log=False),
         repository=dict(type="path"),
+        create_repository=dict(type="bool", default=False),
         s3_targets=dict(type="list", elements="dict", default=[], options=s3_target_options()),
         label=dict(type="str"),
         stale_seconds=dict(type="int", default=3600),
@@ -260,7 +262,13 @@ def argument_spec():
 def build_repositories(params):
     repositories = []
     if params["repository"]:
-        repositories.append(local_repository(params["repository"], must_exist=False))
+        repositories.append(
+            local_repository(
+                params["repository"],
+                must_exist=False,
+                create_parents=params["create_repository"],
+            )
+        )
     for target in params["s3_targets"]:
         repositories.append(s3_repository(target, params))
     return repositories

@@ -25,6 +25,7 @@ author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.repository
   - clinic.backup.audit
   - clinic.backup.connection
   - clinic.backup.s3
@@ -100,7 +101,7 @@ options:
       - The passphrase reaches gpg through an inherited pipe, never the command line.
     type: path
   repository:
-    description: Local repository directory (created with mode V(0700) if missing).
+    description: Local repository directory (created with mode V(0700) if missing; see O(create_repository)).
     type: path
   include_globals:
     description:
@@ -242,6 +243,7 @@ def argument_spec():
         encrypt=dict(type="bool", default=True),
         passphrase_file=dict(type="path", no_log=False),
         repository=dict(type="path"),
+        create_repository=dict(type="bool", default=False),
         s3_targets=dict(type="list", elements="dict", default=[], options=s3_target_options()),
         include_globals=dict(type="bool", default=True),
         row_counts=dict(type="bool", default=True),
@@ -254,7 +256,13 @@ def argument_spec():
 def build_repositories(params):
     repositories = []
     if params["repository"]:
-        repositories.append(local_repository(params["repository"], must_exist=False))
+        repositories.append(
+            local_repository(
+                params["repository"],
+                must_exist=False,
+                create_parents=params["create_repository"],
+            )
+        )
     for target in params["s3_targets"]:
         repositories.append(s3_repository(target, params))
     return repositories

@@ -22,6 +22,7 @@ author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.repository
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -123,6 +124,7 @@ def argument_spec():
     spec.update(
         mode=dict(type="str", required=True, choices=["upload", "download", "list", "newest"]),
         repository=dict(type="path"),
+        create_repository=dict(type="bool", default=False),
         set_id=dict(type="str"),
         database=dict(type="str"),
     )
@@ -140,7 +142,11 @@ def do_upload(module, remote):
 
 
 def do_download(module, remote):
-    local = local_repository(module.params["repository"], must_exist=False)
+    local = local_repository(
+        module.params["repository"],
+        must_exist=False,
+        create_parents=module.params["create_repository"],
+    )
     set_id = resolve_set_id(remote, module.params["set_id"], module.params["database"])
     return copy_set(remote, local, set_id, check_mode=module.check_mode)
 

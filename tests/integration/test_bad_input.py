@@ -76,6 +76,12 @@ def cases(
         ),
         ("relative repository", dict(base, repository="backups"), ["must be absolute"]),
         ("bad compression level", dict(base, compression_level=42), ["out of range"]),
+        (
+            # An unmounted backup disk or a typo: never fill the wrong disk.
+            "repository whose parent is missing",
+            dict(base, repository=str(tmp_path / "unmounted-nas" / "clinic" / "db")),
+            ["neither does its parent", "create_repository: true"],
+        ),
     ]
 
 
@@ -107,6 +113,7 @@ def test_each_bad_input_fails_clearly_and_changes_nothing(
             assert word in result["msg"], (name, word, result["msg"])
         assert "Traceback" not in result.get("module_stderr", ""), name
     assert helpers.local_sets(repo_dir) == [] and helpers.staging_leftovers(repo_dir) == []
+    assert not (tmp_path / "unmounted-nas").exists()
     assert (
         helpers.s3_keys(s3.client(), bucket) == []
         and helpers.open_multipart_uploads(s3.client(), bucket) == []

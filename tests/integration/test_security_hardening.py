@@ -179,7 +179,8 @@ def test_an_existing_repository_is_never_chmodded(tmp_path, pg, passphrase_file)
     assert stat.S_IMODE(open_dir.stat().st_mode) == 0o777
     assert sorted(p.name for p in open_dir.iterdir()) == []
     fresh = tmp_path / "fresh" / "repo"
-    take(pg, LocalRepository(str(fresh), must_exist=False), pg.clinic_db, passphrase_file)
+    repo = LocalRepository(str(fresh), must_exist=False, create_parents=True)
+    take(pg, repo, pg.clinic_db, passphrase_file)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
 
 

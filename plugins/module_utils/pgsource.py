@@ -19,11 +19,6 @@ import re
 import shutil
 import subprocess
 
-try:  # Python 3
-    from urllib.parse import parse_qsl, unquote, urlsplit
-except ImportError:  # pragma: no cover - Python 2 is not supported by the engine
-    from urlparse import parse_qsl, unquote, urlsplit  # type: ignore
-
 from .errors import ConfigError, SourceError
 
 try:
@@ -55,38 +50,188 @@ LIBPQ_ENV = {
 _URL_QUERY_KEYS = set(LIBPQ_ENV) - {"password"}
 
 
+# libpq connection keywords a URL query may hold: named in our errors because they
+# cannot be a fragment of a password; any other key is not echoed.
+_LIBPQ_KEYWORDS = _URL_QUERY_KEYS | {
+    "password",
+    "options",
+    "hostaddr",
+    "client_encoding",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "sslcompression",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "sslpassword",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "sslnegotiation",
+    "requirepeer",
+    "requiressl",
+    "gssencmode",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "require_auth",
+    "channel_binding",
+    "service",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "replication",
+}
+
+_URL_SCHEMES = ("postgresql://", "postgres://")
+_ENCODING_HINT = (
+    "write the URL as postgresql://user:password@host:5432/dbname; a '/', '?', '#', '@' "
+    "or '%' in the user name, password or database name must be percent-encoded "
+    "(%2F, %3F, %23, %40, %25)"
+)
+
+
 def parse_url(url):
-    """Split a ``postgresql://user:pass@host:port/db?sslmode=...`` URL into libpq keywords."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
+    """Split a ``postgresql://user:pass@host:port/db?sslmode=...`` URL into libpq keywords.
+
+    libpq's rules: the user part ends at the '@', host and port follow, then
+    ``/dbname`` and ``?key=value&...``; every part is percent-decoded.  A URL that
+    libpq and a generic URL parser would split differently (an unencoded '/', '?',
+    '#' or '@' in the password) is refused.  No error ever quotes the URL past its
+    scheme: any piece of it may be a piece of the password.
+    """
+    if not isinstance(url, str):
+        raise ConfigError("database URL must be a string", _ENCODING_HINT)
+    scheme = next((s for s in _URL_SCHEMES if url.startswith(s)), None)
+    if scheme is None:
+        head = url.split("://", 1)[0] if "://" in url else ""
         raise ConfigError(
-            "database URL must start with postgresql:// (got scheme %r)" % parts.scheme,
+            "database URL must start with postgresql:// or postgres://%s"
+            % (" (got %s://)" % head if re.match(r"^[A-Za-z][A-Za-z0-9+.-]{0,19}$", head) else ""),
             "use the libpq URL form postgresql://user@host:5432/dbname",
         )
+    rest = url[len(scheme) :]
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in rest):
+        # A generic URL parser silently drops tabs and newlines; libpq keeps them.
+        raise ConfigError(
+            "database URL holds a control character (newline, tab...)",
+            "remove it; if it belongs to the password, percent-encode it (e.g. a tab as %09)",
+        )
+    # The authority (user part and hosts) ends at the first '/', '?' or '#'.  libpq
+    # itself ends the user part at the first '@' before any '/', so an '@' further
+    # on means a password (or name) holding an unencoded '/', '?' or '#': with
+    # "user:2024/Winter@host/db" libpq would connect to host "user", port 2024.
+    cut = min(
+        [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0] or [len(rest)]
+    )
+    authority, tail = rest[:cut], rest[cut:]
+    if "#" in rest:
+        raise ConfigError("database URL holds an unencoded '#'", _ENCODING_HINT)
+    if "@" in tail or authority.count("@") > 1:
+        raise ConfigError(
+            "database URL is ambiguous: its user part (user:password@) holds an unencoded "
+            "'/', '?', '#' or '@', or its database name holds an '@'",
+            _ENCODING_HINT,
+        )
     params = {}
-    if parts.hostname:
-        params["host"] = unquote(parts.hostname)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError("database URL has an invalid port", "use a number, e.g. :5432") from None
-    if port:
-        params["port"] = str(port)
-    if parts.username:
-        params["user"] = unquote(parts.username)
-    if parts.password:
-        params["password"] = unquote(parts.password)
-    dbname = unquote(parts.path.lstrip("/"))
+    if "@" in authority:
+        userinfo, authority = authority.split("@", 1)
+        user, colon, password = userinfo.partition(":")
+        if user:
+            params["user"] = _url_decode(user, "user name")
+        if colon and password:
+            params["password"] = _url_decode(password, "password")
+    hosts, ports = _split_hosts(authority)
+    if any(hosts):
+        params["host"] = ",".join(hosts)
+    if any(ports):
+        params["port"] = ",".join(ports)
+    path, _mark, query = tail.partition("?")
+    dbname = _url_decode(path[1:], "database name") if path.startswith("/") else ""
     if dbname:
         params["dbname"] = dbname
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    for item in query.split("&") if query else ():
+        key, equals, value = item.partition("=")
+        key = _url_decode(key, "parameter name")
         if key not in _URL_QUERY_KEYS:
             raise ConfigError(
-                "database URL parameter %r is not supported" % key,
-                "supported: %s" % ", ".join(sorted(_URL_QUERY_KEYS)),
+                "database URL parameter %s is not supported"
+                % (repr(key) if key in _LIBPQ_KEYWORDS else "(an unknown name)"),
+                "supported: %s; the password goes in the user part (user:password@) or "
+                "login_password" % ", ".join(sorted(_URL_QUERY_KEYS)),
             )
-        params[key] = value
+        if not equals:
+            raise ConfigError(
+                "database URL parameter %r has no value" % key, "write it as %s=value" % key
+            )
+        params[key] = _url_decode(value, "value of parameter %r" % key)
     return params
+
+
+def _split_hosts(authority):
+    """(hosts, ports) of ``host[:port][,host[:port]...]``, IPv6 in brackets; decoded."""
+    hosts, ports = [], []
+    for item in authority.split(",") if authority else ():
+        if item.startswith("["):
+            host, bracket, port = item[1:].partition("]")
+            if not bracket or (port and not port.startswith(":")):
+                raise ConfigError(
+                    "database URL has an unterminated or malformed [IPv6] host", _ENCODING_HINT
+                )
+            port = port[1:]
+        else:
+            host, _colon, port = item.partition(":")
+            host = _url_decode(host, "host")
+        if port and not (port.isdigit() and port.isascii() and 0 < int(port) < 65536):
+            # Never quote it: with an unencoded '/' in the password, this "port" is
+            # where the password starts.
+            raise ConfigError(
+                "database URL has an invalid port",
+                "use a number, e.g. :5432; if the URL holds a password, %s"
+                % _ENCODING_HINT.split("; ", 1)[1],
+            )
+        hosts.append(host)
+        ports.append(port)
+    if len(hosts) > 1 and any(ports) and not all(ports):
+        raise ConfigError(
+            "database URL gives a port for some hosts only",
+            "give every host its port, or none (then login_port applies to all)",
+        )
+    return hosts, ports
+
+
+def _url_decode(text, what):
+    """Percent-decode one URL part as libpq does: a bad escape or %00 is an error."""
+    if "%" not in text:
+        return text
+    raw = bytearray()
+    index = 0
+    encoded = text.encode("utf-8")
+    while index < len(encoded):
+        byte = encoded[index]
+        if byte == 0x25:  # '%'
+            pair = encoded[index + 1 : index + 3]
+            if len(pair) != 2 or not all(c in b"0123456789abcdefABCDEF" for c in pair):
+                raise ConfigError(
+                    "database URL: the %s holds a '%%' that is not a %%XX escape" % what,
+                    "write a literal '%' as %25",
+                )
+            if pair == b"00":
+                raise ConfigError("database URL: the %s holds %%00 (a NUL byte)" % what)
+            raw.append(int(pair, 16))
+            index += 3
+        else:
+            raw.append(byte)
+            index += 1
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            "database URL: the %s holds percent-escapes that are not UTF-8" % what,
+            "percent-encode the UTF-8 bytes of each character",
+        ) from None
 
 
 class PgConnection(object):
@@ -104,6 +249,8 @@ class PgConnection(object):
             raise ConfigError("no database name given", "set database (or a URL ending in /dbname)")
         if "\0" in "".join(params.values()):
             raise ConfigError("connection settings contain a NUL byte")
+        _check_name_length(params["dbname"], "database name", "database")
+        _check_name_length(params.get("user"), "login user name", "login_user")
         self.params = params
 
     @property
@@ -112,6 +259,7 @@ class PgConnection(object):
 
     def for_database(self, dbname):
         """The same server and credentials, another database."""
+        _check_name_length(dbname, "database name", "database")
         other = PgConnection.__new__(PgConnection)
         other.params = dict(self.params, dbname=dbname)
         return other
@@ -157,6 +305,27 @@ class PgConnection(object):
                 "cannot connect to %s: %s" % (self.describe(), _one_line(exc)),
                 "check that the server is running, the database exists and the credentials are right",
             ) from exc
+
+
+# PostgreSQL's NAMEDATALEN: names hold at most NAMEDATALEN-1 bytes.
+NAMEDATALEN = 64
+
+
+def _check_name_length(name, what, option):
+    """Refuse a database or role name PostgreSQL cannot hold, before connecting: the
+    server silently truncates it to 63 bytes (which may name another database) and
+    drops the connection without a word past its 10000-byte startup packet."""
+    if name is None:
+        return
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size >= NAMEDATALEN:
+        raise ConfigError(
+            "the %s %r is %d bytes long; PostgreSQL names hold at most %d bytes "
+            "(NAMEDATALEN-1)"
+            % (what, name if len(name) <= 40 else name[:40] + "...", size, NAMEDATALEN - 1),
+            "set %s to the exact name, as psql lists it (\\l for databases, \\du for roles)"
+            % option,
+        )
 
 
 def _one_line(exc):

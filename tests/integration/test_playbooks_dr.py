@@ -142,6 +142,19 @@ def on_server(cluster: PostgresCluster) -> dict[str, object]:
     }
 
 
+def test_backup_playbook_in_check_mode_on_a_fresh_host_writes_nothing(dr):
+    fresh = dr.work / ("fresh-" + secrets.token_hex(3))
+    run = run_playbook(
+        PLAYBOOKS / "backup.yml",
+        dr.env,
+        extra_vars=dr.vars(clinic_backup_repository=str(fresh)),
+        inventory=str(INVENTORY),
+        check=True,
+    ).assert_ok()
+    assert run.result("Take an encrypted backup set")["check_mode"] is True
+    assert not fresh.exists()
+
+
 # ---------------------------------------------------------------- monthly restore test
 def test_restore_test_rehearses_the_newest_set_and_meets_the_objectives(dr, pg, tmp_path):
     before = databases(pg)

@@ -351,3 +351,50 @@ def test_alert_rules_parse_and_name_every_alert(host):
     promtool = shutil.which("promtool")
     if promtool:
         subprocess.run([promtool, "check", "rules", str(rules_file)], check=True)
+
+
+# Issue #10, defect 2: databases sharing a repository queue for its lock, start at
+# different minutes, and a run still skipped raises an alert.
+def test_configs_wait_for_a_locked_repository(host):
+    assert json.loads(host.config().read_text())["lock_wait"] == 1800
+
+
+def cron_minutes(path: Path) -> dict[str, str]:
+    """'<command> <name>' -> the minute field of its cron line."""
+    lines = path.read_text().splitlines()
+    found = {}
+    for marker, line in zip(lines, lines[1:], strict=False):
+        if marker.startswith("#Ansible: clinic-backup "):
+            found[marker[len("#Ansible: clinic-backup ") :]] = line.split()[0]
+    return found
+
+
+def test_cron_minutes_are_staggered_per_database_and_stable(host, pg, tmp_path):
+    root = tmp_path / "two-databases"
+    for directory in ("usr/local/bin", "etc/cron.d"):
+        (root / directory).mkdir(parents=True)
+    target = Host(root, role_vars(root, pg, "unused"), host.env, host.inventory)
+    base = target.vars["backup_agent_databases"][0]
+    databases = [base, dict(base, name="billing_db"), dict(base, name="imaging_db")]
+    first = target.play(tags="backup_agent_cron", backup_agent_databases=databases)
+    first.assert_ok()
+    cron_file = target.path("backup_agent_cron_file")
+    minutes = cron_minutes(cron_file)
+    assert [minutes["backup %s" % d["name"]] for d in databases] == ["0", "5", "10"]
+    assert [minutes["retention %s" % d["name"]] for d in databases] == ["0", "5", "10"]
+    before = cron_file.read_bytes()
+    second = target.play(tags="backup_agent_cron", backup_agent_databases=databases)
+    second.assert_ok()
+    assert second.stats["localhost"]["changed"] == 0, second.output()
+    assert cron_file.read_bytes() == before
+
+
+def test_alert_rules_flag_a_skipped_backup(host):
+    rules_file = Path(host.vars["backup_monitoring_rules_file"])
+    doc = yaml.safe_load(rules_file.read_text())
+    rules = {r["alert"]: r for group in doc["groups"] for r in group["rules"]}
+    skipped = rules["ClinicBackupSkipped"]
+    assert "clinic_backup_last_skipped_timestamp_seconds" in skipped["expr"]
+    assert 'operation="backup"' in skipped["expr"]
+    assert skipped["labels"]["severity"] == "critical"
+    assert "ClinicBackupJobSkipped" in rules

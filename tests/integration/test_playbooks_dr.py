@@ -38,6 +38,7 @@ REHEARSE = "Rehearse restoring the newest set (scratch database, checked, droppe
 REPLACE = "Restore the newest good set in place of the damaged database"
 SAFETY = "Take a safety backup of the current state (label pre-restore)"
 CLEAN_RESTORE = "Restore the newest verified set from before the intrusion into a new database"
+SERVER_RESTORE = "Restore the newest set with the cluster's roles into a new database"
 
 
 @dataclass
@@ -438,6 +439,28 @@ def test_server_failure_rebuilds_from_s3_with_roles_and_vault_passwords(
     ):
         assert password not in text, where
         assert password.replace("'", "''") not in text, where
+
+
+def test_server_failure_runs_again_with_mode_replace(dr, pg_fingerprints, clean_server):
+    """A second run after success fails saying how to go on; following that works and
+    keeps the first run's database aside."""
+    target = fresh_name("rerun")
+    overrides = dict(on_server(clean_server), clinic_backup_restore_target=target)
+    try:
+        dr.play("dr_server_failure.yml", **overrides).assert_ok()
+        again = dr.play("dr_server_failure.yml", **overrides)
+        assert again.rc != 0
+        hint = again.result("Say how to run the restore again")["msg"]
+        assert "already exists" in hint and "-e clinic_backup_restore_mode=replace" in hint
+        third = dr.play(
+            "dr_server_failure.yml", **overrides, clinic_backup_restore_mode="replace"
+        ).assert_ok()
+        restore = third.result(SERVER_RESTORE)
+        assert restore["previous_database"].startswith(target + "__pre_restore_")
+        assert table_fingerprints(clean_server, target) == pg_fingerprints
+        assert "replaced from set" in messages(third, "Report the recovery")
+    finally:
+        drop_like(clean_server, target)
 
 
 # ---------------------------------------------------------------- scenario 3: ransomware

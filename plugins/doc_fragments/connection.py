@@ -31,7 +31,8 @@ options:
     aliases: [login, user]
   login_password:
     description:
-      - Password of O(login_user). Passed to C(pg_dump) through the environment only.
+      - Password of O(login_user). It reaches the PostgreSQL tools this module runs (C(pg_dump), C(pg_restore),
+        C(psql)) through their environment only, never their command line.
       - Prefer O(passfile) or a C(~/.pgpass) file.
     type: str
   passfile:

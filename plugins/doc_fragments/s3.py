@@ -29,13 +29,13 @@ options:
     aliases: [session_token]
   s3_part_size_mb:
     description:
-      - Size of each multipart upload part in MiB (at least 5).
+      - Size of each multipart upload part in MiB (at least 5). Only modules that upload use it.
       - Memory used per S3 target is about O(s3_part_size_mb) times (O(s3_concurrency) + 1).
       - An object can have at most 10,000 parts, so 8 MiB parts allow backups up to about 80 GB.
     type: int
     default: 8
   s3_concurrency:
-    description: Parts uploaded in parallel.
+    description: Parts uploaded in parallel (modules that upload).
     type: int
     default: 4
   s3_retries:
@@ -65,7 +65,10 @@ options:
     description: URL of an S3-compatible endpoint (MinIO, Ceph, Wasabi...). Path-style addressing is used with it.
     type: str
   sse:
-    description: Server-side encryption of uploaded objects (in addition to the gpg encryption of the artifacts).
+    description:
+      - Server-side encryption of uploaded objects (in addition to the gpg encryption of the artifacts).
+      - Only used when this module uploads (M(clinic.backup.s3_transfer) V(upload), a verification record); modules
+        that only read accept it so that one set of S3 variables serves every module.
     type: str
     choices: [none, AES256, aws:kms]
     default: none
@@ -73,7 +76,9 @@ options:
     description: KMS key for O(sse=aws:kms).
     type: str
   storage_class:
-    description: Storage class of uploaded objects, for example V(STANDARD_IA) or V(GLACIER_IR).
+    description:
+      - Storage class of uploaded objects, for example V(STANDARD_IA) or V(GLACIER_IR).
+      - Only used when this module uploads; modules that only read accept it and ignore it.
     type: str
 """
 

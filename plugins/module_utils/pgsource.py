@@ -17,6 +17,7 @@ import glob
 import os
 import re
 import shutil
+import stat
 import subprocess
 
 from .errors import ConfigError, SourceError
@@ -234,6 +235,34 @@ def _url_decode(text, what):
         ) from None
 
 
+def check_passfile(path):
+    """Refuse a libpq password file that libpq would silently ignore (missing, not a
+    regular file, readable by group or others): the connection would then fail with a
+    bare "no password supplied" that names neither the file nor the fix."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(
+            "cannot use passfile %s: %s" % (path, exc.strerror),
+            "create it (host:port:database:user:password per line) with mode 0600",
+        ) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(
+            "passfile %s is not a regular file" % path, "point passfile at a .pgpass-format file"
+        )
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            "passfile %s has permissions %s: libpq ignores a password file readable by group or "
+            "others" % (path, oct(stat.S_IMODE(info.st_mode))),
+            "run: chmod 0600 %s" % path,
+        )
+    if not os.access(path, os.R_OK):
+        raise ConfigError(
+            "passfile %s is not readable by this user (uid %d)" % (path, os.geteuid()),
+            "chown it to the user that runs the backup",
+        )
+
+
 class PgConnection(object):
     """libpq connection settings; explicit keywords override the URL's."""
 
@@ -251,6 +280,8 @@ class PgConnection(object):
             raise ConfigError("connection settings contain a NUL byte")
         _check_name_length(params["dbname"], "database name", "database")
         _check_name_length(params.get("user"), "login user name", "login_user")
+        if params.get("passfile"):
+            check_passfile(params["passfile"])
         self.params = params
 
     @property

@@ -225,3 +225,20 @@ def test_a_63_byte_name_is_accepted():
 def test_for_database_checks_the_length_too():
     with pytest.raises(ConfigError, match="NAMEDATALEN"):
         PgConnection(host="h", dbname="db").for_database("x" * 64)
+
+
+def test_a_passfile_libpq_would_ignore_is_refused_naming_the_fix(tmp_path):
+    from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError
+    from ansible_collections.clinic.backup.plugins.module_utils.pgsource import PgConnection
+
+    passfile = tmp_path / "pgpass"
+    with pytest.raises(ConfigError, match="cannot use passfile .*No such file"):
+        PgConnection(dbname="clinic_db", passfile=str(passfile))
+    passfile.write_text("localhost:5432:*:clinic_user:secret\n")
+    passfile.chmod(0o640)
+    with pytest.raises(ConfigError, match="libpq ignores") as caught:
+        PgConnection(dbname="clinic_db", passfile=str(passfile))
+    assert "chmod 0600" in caught.value.hint
+    assert "secret" not in str(caught.value)
+    passfile.chmod(0o600)
+    assert PgConnection(dbname="clinic_db", passfile=str(passfile)).params["passfile"]

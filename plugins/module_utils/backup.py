@@ -195,6 +195,20 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
                 "table(s) not found in database %r: %s" % (connection.dbname, ", ".join(missing)),
                 "check the names (schema.table, case-sensitive) against \\dt",
             )
+        refused = snapshot.unreadable(options.table_patterns, options.exclude_patterns)
+        if refused:
+            raise SourceError(
+                "role %s may not read everything it would back up in database %r: %s%s"
+                % (
+                    connection.params.get("user", "(current user)"),
+                    connection.dbname,
+                    ", ".join(refused[:10]),
+                    " and %d more" % (len(refused) - 10) if len(refused) > 10 else "",
+                ),
+                "grant it USAGE on those schemas and SELECT on those tables (or the "
+                "pg_read_all_data role), back up as a role that can read them, or leave them "
+                "out with exclude_tables",
+            )
         set_id = new_set_id(connection.dbname, started)
         if check_mode:
             return {
@@ -212,6 +226,12 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
             with SetWriting(repositories, unreachable, set_id, options, passphrase, key) as writing:
                 result = _take_set(connection, options, snapshot, bin_dir, writing, started, clock)
             result["warnings"] = layout_warnings + result["warnings"]
+            if options.include_globals and not snapshot.is_superuser:
+                result["warnings"].append(
+                    "taken as %s, not a superuser: the set holds the roles and grants but no "
+                    "role passwords; after a restore on a new server set them with "
+                    "clinic.backup.role_passwords" % connection.params.get("user", "this role")
+                )
             failure = writing.failure("backup set")
             if failure:
                 error = BackupError(*failure)

@@ -436,6 +436,56 @@ class Snapshot(object):
                 missing.append(pattern)
         return missing
 
+    def unreadable(self, patterns=(), exclude=()):
+        """What pg_dump (and the row counts) would be refused, as readable text: schemas
+        without USAGE, tables and sequences without SELECT, within the dump's scope.
+
+        Found before the dump starts: a refused count aborts the snapshot's transaction,
+        and pg_dump then fails with "could not import the requested snapshot", naming
+        neither the table nor the privilege.
+        """
+        if self.is_superuser:
+            return []
+        cur = self.conn.cursor()
+        cur.execute(
+            "SELECT n.nspname, c.relname, c.relkind, c.oid, "
+            "has_schema_privilege(n.oid, 'USAGE'), "
+            "CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT') "
+            "ELSE has_table_privilege(c.oid, 'SELECT') END "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p', 'S') "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%' "
+            "ORDER BY 1, 2"
+        )
+        rows = cur.fetchall()
+        chosen = set(self._oids(patterns)) if patterns else None
+        left_out = set(self._oids(exclude))
+        problems, schemas = [], set()
+        for schema, name, kind, oid, usage, select in rows:
+            if (chosen is not None and oid not in chosen) or oid in left_out:
+                continue
+            if not usage:
+                if schema not in schemas:
+                    schemas.add(schema)
+                    problems.append("schema %s (no USAGE)" % quote_ident(schema))
+            elif not select:
+                problems.append(
+                    "%s %s (no SELECT)"
+                    % ("sequence" if kind == "S" else "table", qualified_name(schema, name))
+                )
+        return problems
+
+    def _oids(self, patterns):
+        cur = self.conn.cursor()
+        oids = []
+        for pattern in patterns:
+            cur.execute("SELECT to_regclass(%s)::oid", (pattern,))
+            oid = cur.fetchone()[0]
+            if oid is not None:
+                oids.append(oid)
+        return oids
+
     def row_counts(self, tables=None):
         """Exact row counts in this snapshot, keyed by ``schema.table`` (quoted as needed)."""
         from psycopg2 import sql

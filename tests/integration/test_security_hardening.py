@@ -19,7 +19,7 @@ from testbed.pg import quote_ident
 from ansible_collections.clinic.backup.plugins.module_utils import catalog, pipeline
 from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.backup import BackupOptions, run_backup
-from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError
+from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError, SourceError
 from ansible_collections.clinic.backup.plugins.module_utils.files import (
     FileBackupOptions,
     run_file_backup,
@@ -283,3 +283,41 @@ def test_a_copied_set_stays_authenticated_and_its_pointer_sealed(tmp_path, pg, p
     assert entry["authentication"] == "ok"
     assert dest.read_latest(pg.clinic_db, key) == set_id
     assert verify_set(dest, set_id, passphrase_file=str(passphrase_file))["ok"]
+
+
+# ---------------------------------------------------------------------- operator's view
+def test_a_table_the_backup_role_cannot_read_is_named_before_anything(
+    pg, tmp_path, passphrase_file
+):
+    """Not "could not import the requested snapshot": the schema and the fix."""
+    dbname, schema = "sec_readable_db", '"Billing Dept"'
+    pg.psql("DROP DATABASE IF EXISTS %s" % dbname)
+    pg.create_database(dbname)
+    pg.psql(
+        "CREATE SCHEMA %s; CREATE TABLE %s.invoices (id int); "
+        "INSERT INTO %s.invoices VALUES (1)" % (schema, schema, schema),
+        dbname=dbname,
+    )
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    conn = PgConnection(
+        host=pg.host,
+        port=str(pg.port),
+        user=pg.clinic_user,
+        password=pg.clinic_password,
+        dbname=dbname,
+    )
+    try:
+        with pytest.raises(SourceError) as caught:
+            run_backup(conn, [repo], BackupOptions(passphrase_file=str(passphrase_file)))
+        assert 'schema "Billing Dept" (no USAGE)' in str(caught.value)
+        assert "grant" in caught.value.hint
+        assert not (tmp_path / "repo").exists() or repo.set_ids() == []
+        pg.psql(
+            "GRANT USAGE ON SCHEMA %s TO %s; GRANT SELECT ON %s.invoices TO %s"
+            % (schema, pg.clinic_user, schema, pg.clinic_user),
+            dbname=dbname,
+        )
+        result = run_backup(conn, [repo], BackupOptions(passphrase_file=str(passphrase_file)))
+        assert any("no role passwords" in w for w in result["warnings"])
+    finally:
+        pg.psql("DROP DATABASE IF EXISTS %s" % dbname)

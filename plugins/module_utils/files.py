@@ -65,6 +65,7 @@ from .lifecycle import (
     ReadSession,
     SetWriting,
     StreamOptions,
+    check_readable_now,
     check_restorable,
     check_targets,
     choose_sets,
@@ -1122,6 +1123,7 @@ def _extract(repo, set_id, work, options, session):
         raise IntegrityError("set %s holds no %s artifact" % (set_id, CONTENT))
     if repo.artifact_size(set_id, artifact["file"]) is None:
         raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
+    check_readable_now(repo, manifest)
     gpg_session = session.gpg_for(manifest)
     recorded = _manifest_files(manifest)
     count, size = recorded.get("count"), recorded.get("bytes")

@@ -486,6 +486,21 @@ def stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=None, 
     return reader.size
 
 
+def check_readable_now(repo, manifest):
+    """Refuse, with the exact action, a set whose artifacts sit in archive storage
+    (S3 GLACIER / DEEP_ARCHIVE): it is not damaged, and an older set is no better."""
+    files = [a["file"] for a in manifest["artifacts"]]
+    archived = repo.archived_artifacts(manifest["id"], files)
+    if archived:
+        raise StoreError(
+            "set %s is in archive storage: %s cannot be read before S3 restores them"
+            % (manifest["id"], ", ".join(repo.location(manifest["id"], f) for f in archived)),
+            "request a restore of each, e.g. aws s3api restore-object --bucket BUCKET --key KEY "
+            "--restore-request Days=7, and run again once it finished (hours for GLACIER); "
+            "manifests stay readable, so the catalog still lists the set",
+        )
+
+
 class ReadSession(object):
     """What reading the sets of one run needs: the key that authenticates their records,
     and one gpg session from the first encrypted set on (a context manager)."""

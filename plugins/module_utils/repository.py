@@ -382,6 +382,9 @@ class LocalRepository(object):
     def location(self, set_id, filename):
         return os.path.join(self.path, SETS, check_set_id(set_id), check_file_name(filename))
 
+    def archived_artifacts(self, set_id, filenames):
+        return []
+
     def write_verification(self, set_id, data):
         atomic_write(self.location(set_id, VERIFICATION), dump_json(data))
 
@@ -506,7 +509,7 @@ class S3SetWriter(object):
             self.repo.bucket,
             self.repo.key(self.set_id, MANIFEST),
             dump_json(manifest),
-            self.repo.extra_args,
+            self.repo.record_args,
         )
 
     def abort(self):
@@ -537,6 +540,9 @@ class S3Repository(object):
         self.part_size = s3util.check_part_size(part_size)
         self.concurrency = concurrency
         self.extra_args = dict(extra_args or {})
+        # Manifests, verification records and pointers stay readable (STANDARD) whatever
+        # class the artifacts go to: a catalog must never need a restore from archive.
+        self.record_args = {k: v for k, v in self.extra_args.items() if k != "StorageClass"}
 
     @property
     def url(self):
@@ -580,13 +586,25 @@ class S3Repository(object):
     def location(self, set_id, filename):
         return "s3://%s/%s" % (self.bucket, self.key(set_id, check_file_name(filename)))
 
+    def archived_artifacts(self, set_id, filenames):
+        """Those of ``filenames`` that sit in archive storage, not readable now."""
+        return [
+            name
+            for name in filenames
+            if s3util.archived(
+                s3util.object_info(
+                    self.client, self.bucket, self.key(set_id, check_file_name(name))
+                )
+            )
+        ]
+
     def write_verification(self, set_id, data):
         s3util.put_bytes(
             self.client,
             self.bucket,
             self.key(set_id, VERIFICATION),
             dump_json(data),
-            self.extra_args,
+            self.record_args,
         )
 
     def begin(self, set_id):
@@ -600,7 +618,7 @@ class S3Repository(object):
             self.bucket,
             key,
             dump_json(pointer or {"database": database, "set_id": set_id}),
-            self.extra_args,
+            self.record_args,
         )
 
     def read_latest_record(self, database):

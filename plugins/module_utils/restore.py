@@ -40,6 +40,7 @@ from .catalog import load_manifest
 from .errors import ConfigError, IntegrityError, SourceError, StoreError
 from .lifecycle import (
     ReadSession,
+    check_readable_now,
     check_restorable,
     choose_sets,
     stream_into,
@@ -644,6 +645,7 @@ class DatabaseRestore(object):
         for artifact in manifest["artifacts"]:
             if repo.artifact_size(set_id, artifact["file"]) is None:
                 raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
+        check_readable_now(repo, manifest)
         gpg_session = self.session.gpg_for(manifest)
         result = {"set_id": set_id, "database": manifest["database"], "format": manifest["format"]}
         if options.include_globals:

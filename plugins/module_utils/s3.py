@@ -55,7 +55,19 @@ _HINTS = {
     "SlowDown": "S3 kept throttling after every retry: run later or raise retries",
     "NoSuchKey": "the object is missing: the backup set may be incomplete or deleted",
     "InvalidStorageClass": "choose a storage class this endpoint supports",
+    "InvalidObjectState": "the object is in archive storage (GLACIER / DEEP_ARCHIVE): restore it "
+    "first (aws s3api restore-object) and run again once it is available",
 }
+# Storage classes whose objects cannot be read before a restore request completes.
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+
+
+def archived(info):
+    """Whether a head_object result describes an object that cannot be read now."""
+    if not info or info.get("StorageClass") not in ARCHIVE_CLASSES:
+        return False
+    # 'ongoing-request="false", expiry-date=...' once a restored copy is readable.
+    return 'ongoing-request="false"' not in (info.get("Restore") or "")
 
 
 # Answers that mean "S3 is not available right now", as opposed to "this request is wrong".

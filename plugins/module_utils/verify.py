@@ -20,6 +20,7 @@ import tempfile
 from . import authentication, pipeline, sqlguard
 from .catalog import list_catalog, load_manifest, manifest_authentication
 from .errors import BackupError, ConfigError, IntegrityError
+from .lifecycle import check_readable_now
 from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
 from .repository import isoformat, parse_time, utc_now
@@ -387,6 +388,8 @@ def verify_set(
         )
     )
     checks.append(_authentication_check(manifest, key, allow_unauthenticated))
+    # Archived (GLACIER) artifacts are not damaged: say what to do, record nothing.
+    check_readable_now(repo, manifest)
     encrypted = manifest["encryption"].get("method") != "none"
     gpg_session = None
     if deep and encrypted:

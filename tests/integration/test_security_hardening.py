@@ -19,7 +19,11 @@ from testbed.pg import quote_ident
 from ansible_collections.clinic.backup.plugins.module_utils import catalog, pipeline
 from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.backup import BackupOptions, run_backup
-from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError, SourceError
+from ansible_collections.clinic.backup.plugins.module_utils.errors import (
+    ConfigError,
+    SourceError,
+    StoreError,
+)
 from ansible_collections.clinic.backup.plugins.module_utils.files import (
     FileBackupOptions,
     run_file_backup,
@@ -321,3 +325,36 @@ def test_a_table_the_backup_role_cannot_read_is_named_before_anything(
         assert any("no role passwords" in w for w in result["warnings"])
     finally:
         pg.psql("DROP DATABASE IF EXISTS %s" % dbname)
+
+
+# ---------------------------------------------------------------------- cold storage
+def test_glacier_sets_stay_listed_and_restores_say_what_to_do(pg, s3, s3_bucket, passphrase_file):
+    client = s3.client()
+    repo = S3Repository(client, s3_bucket, "db", extra_args={"StorageClass": "GLACIER"})
+    set_id = take(pg, repo, pg.clinic_db, passphrase_file, row_counts=False)["set_id"]
+    classes = {
+        o["Key"].rsplit("/", 1)[-1]: o.get("StorageClass", "STANDARD")
+        for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+    }
+    assert classes["manifest.json"] == "STANDARD" and classes["clinic_db.json"] == "STANDARD"
+    assert classes["clinic_db.dump.zst.gpg"] == "GLACIER"
+    key = RecordKey.from_file(str(passphrase_file))
+    (entry,) = catalog.list_catalog(repo, key=key)
+    assert entry["state"] == "complete" and entry["authentication"] == "ok"
+    with pytest.raises(StoreError, match="archive storage") as caught:
+        verify_set(repo, set_id, passphrase_file=str(passphrase_file))
+    assert "restore-object" in caught.value.hint
+    assert catalog.list_catalog(repo, key=key)[0]["verification"] == "unverified"
+    options = RestoreOptions(
+        mode="rehearse", database=pg.clinic_db, passphrase_file=str(passphrase_file)
+    )
+    with pytest.raises(StoreError, match="archive storage"):
+        run_restore(repo, connection(pg, "postgres"), options)
+    # Once S3 restored the objects, the set verifies as any other.
+    for name in ("clinic_db.dump.zst.gpg", "globals.sql.zst.gpg"):
+        client.restore_object(
+            Bucket=s3_bucket,
+            Key="db/sets/%s/%s" % (set_id, name),
+            RestoreRequest={"Days": 1},
+        )
+    assert verify_set(repo, set_id, passphrase_file=str(passphrase_file))["ok"]

@@ -37,6 +37,7 @@ import time
 import traceback
 
 from .audit import AuditLog
+from .authentication import RecordKey
 from .backup import BackupOptions, run_backup
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, LockedError
@@ -175,6 +176,7 @@ CONFIG_KEYS = (
             "retention",
             "audit_log",
             "lock_wait",
+            "create_repository",
         )
     )
     | frozenset(FILE_OPTION_KEYS)
@@ -218,7 +220,14 @@ INT_KEYS = (
 )
 LIST_KEYS = ("tables", "exclude_tables", "s3_targets", "paths", "exclude")
 STRING_LIST_KEYS = ("tables", "exclude_tables", "paths", "exclude")
-BOOL_KEYS = ("schema_only", "data_only", "encrypt", "include_globals", "row_counts")
+BOOL_KEYS = (
+    "schema_only",
+    "data_only",
+    "encrypt",
+    "include_globals",
+    "row_counts",
+    "create_repository",
+)
 STRING_KEYS = tuple(
     sorted(
         CONFIG_KEYS
@@ -380,7 +389,13 @@ def database_name(config):
 def repositories(config, for_writing):
     repos = []
     if config.get("repository"):
-        repos.append(local_repository(config["repository"], must_exist=not for_writing))
+        repos.append(
+            local_repository(
+                config["repository"],
+                must_exist=not for_writing,
+                create_parents=bool(config.get("create_repository")),
+            )
+        )
     for target in config.get("s3_targets") or []:
         repos.append(s3_repository(target, config))
     if not repos:
@@ -396,45 +411,65 @@ def cmd_backup(config, args):
 
 
 def cmd_verify(config, args):
+    """Verify the newest set (or --set-id) in EVERY repository of the config, each copy
+    where it is stored, its outcome recorded next to it: a restore from S3 with
+    require_verified (the ransomware case) needs the S3 copy's own record."""
     verify_options = config.get("verify") or {}
-    outcome = verify_set(
-        repositories(config, False)[0],
-        set_id=args.set_id,
-        database=config.get("database"),
-        passphrase_file=config.get("passphrase_file"),
-        deep=verify_options.get("deep", True),
-        max_age_hours=verify_options.get("max_age_hours", 25.0),
-        size_tolerance_percent=verify_options.get("size_tolerance_percent", 50.0),
-        pg_bin_dir=config.get("pg_bin_dir"),
-    )
-    if not outcome["ok"]:
+    outcomes = [
+        verify_set(
+            repo,
+            set_id=args.set_id,
+            database=config.get("database"),
+            passphrase_file=config.get("passphrase_file"),
+            deep=verify_options.get("deep", True),
+            max_age_hours=verify_options.get("max_age_hours", 25.0),
+            size_tolerance_percent=verify_options.get("size_tolerance_percent", 50.0),
+            pg_bin_dir=config.get("pg_bin_dir"),
+        )
+        for repo in repositories(config, False)
+    ]
+    # The first repository's outcome at the top (as before), every copy's beside it.
+    result = dict(outcomes[0], repositories=outcomes)
+    result["ok"] = all(o["ok"] for o in outcomes)
+    result["failures"] = [
+        "%s: %s" % (o["repository"], failure) for o in outcomes for failure in o["failures"]
+    ]
+    if not result["ok"]:
         error = BackupError(
             "backup set %s failed verification: %s"
-            % (outcome["set_id"], "; ".join(outcome["failures"]))
+            % (
+                ", ".join(sorted({o["set_id"] for o in outcomes if not o["ok"]})),
+                "; ".join(result["failures"]),
+            )
         )
-        error.result = outcome
+        error.result = result
         raise error
-    return outcome
+    return result
 
 
 def cmd_list(config, args):
     sets = []
+    key = RecordKey.from_file(config.get("passphrase_file"))
     for repo in repositories(config, False):
         sets.extend(
             {k: v for k, v in e.items() if k != "manifest"}
-            for e in list_catalog(repo, config.get("database"))
+            for e in list_catalog(repo, config.get("database"), key=key)
         )
     return {"sets": sets}
 
 
 def cmd_retention(config, args):
-    """Prune every repository of the config by its retention policy (defaults: the seed's)."""
+    """Prune every repository of the config by its retention policy (defaults: the
+    runbook's), authenticating every set with the passphrase's key."""
     keys = config.get("retention") or {}
     policy = RetentionPolicy(**{RETENTION_KEYS[k]: v for k, v in keys.items()})
     repos = repositories(config, False)
     lock_paths = lock_paths_for(repos)
+    key = RecordKey.from_file(config.get("passphrase_file"))
     results = [
-        apply_retention(repo, policy, database=config.get("database"), lock_paths=lock_paths)
+        apply_retention(
+            repo, policy, database=config.get("database"), lock_paths=lock_paths, key=key
+        )
         for repo in repos
     ]
     return {

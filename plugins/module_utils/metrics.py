@@ -7,7 +7,7 @@ One file per database and job, ``clinic_backup_<job>.<name>.prom``, written
 atomically so the collector never reads half a file.  ``<name>`` is the database's
 file-safe name plus a short hash of the real name when the two differ, so that
 ``clinic db`` and ``clinic_db`` never share (and inherit each other's) metrics; the
-``database`` label holds the real name.  The seed's alert rules use
+``database`` label holds the real name.  The runbook's alert rules use
 ``*_last_success_timestamp`` and ``*_last_status``.
 
 A run that found the repository locked and gave up (exit 75) writes

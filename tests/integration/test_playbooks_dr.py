@@ -14,6 +14,7 @@ import datetime
 import json
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from testbed.files import write_passphrase_file, write_private
 from testbed.pg import PostgresCluster, quote_literal
 
 from tests.integration import helpers
+from tests.integration.test_interrupted import AGENT, agent_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -558,6 +560,55 @@ def test_backup_playbook_verifies_the_s3_copy_so_a_ransomware_restore_from_s3_wo
         ).assert_ok()
         restore = run.result(CLEAN_RESTORE)
         assert restore["set_id"] == dr.set_id
+        assert table_fingerprints(clean_server, target) == pg_fingerprints
+    finally:
+        clean_server.drop_database(target)
+
+
+def test_ransomware_restores_from_s3_after_a_history_made_only_by_the_cron_agent(
+    dr, pg, s3, collections_path, pg_fingerprints, clean_server
+):
+    """What cron runs (the agent's backup, then its weekly verify), nothing else: the
+    S3 copy must be verified where it is, so the ransomware playbook takes it."""
+    bucket = "clinic-cron-" + secrets.token_hex(4)
+    s3.create_bucket(bucket)
+    target_s3 = {"bucket": bucket, "prefix": "db/cron", "endpoint_url": s3.endpoint_url}
+    config = agent_config(
+        dr.work,
+        pg,
+        pg.clinic_db,
+        dr.base_vars["clinic_backup_passphrase_file"],
+        repository=str(dr.work / ("cron-repo-" + secrets.token_hex(3))),
+        s3_targets=[target_s3],
+    )
+    env = dict(dr.env, PYTHONPATH=collections_path)
+    for command in ("backup", "verify"):
+        proc = subprocess.run(
+            [sys.executable, "-m", AGENT, command, "--config", config],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        if command == "backup":
+            set_id = json.loads(proc.stdout)["set_id"]
+        else:
+            copies = json.loads(proc.stdout)["repositories"]
+            assert [c["state"] for c in copies] == ["ok", "ok"]
+            assert copies[1]["repository"].startswith("s3://" + bucket)
+    target = fresh_name("clinic_db_cron")
+    clean_before = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        run = dr.play(
+            "dr_ransomware.yml",
+            **on_server(clean_server),
+            clinic_backup_s3_targets=[target_s3],
+            clinic_backup_clean_before=clean_before,
+            clinic_backup_restore_target=target,
+        ).assert_ok()
+        assert run.result(CLEAN_RESTORE)["set_id"] == set_id
         assert table_fingerprints(clean_server, target) == pg_fingerprints
     finally:
         clean_server.drop_database(target)

@@ -41,7 +41,8 @@ from .authentication import RecordKey
 from .backup import BackupOptions, run_backup
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, LockedError
-from .files import FileBackupOptions, restore_files, run_file_backup
+from .file_backup import FileBackupOptions, run_file_backup
+from .file_restore import restore_files
 from .metrics import write_job_metrics, write_skipped_metrics
 from .module_support import (
     AWS_CREDENTIAL_ARGS,

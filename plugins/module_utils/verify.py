@@ -29,7 +29,7 @@ from .tarsafety import unsafe_link, unsafe_member
 OK, WARN, FAIL = "ok", "warn", "fail"
 PLAIN_TRAILER = b"PostgreSQL database dump complete"
 GLOBALS_TRAILER = b"PostgreSQL database cluster dump complete"
-FILES_CONTENT = "files-tar"  # a file set's archive (files.py)
+FILES_CONTENT = "files-tar"  # a file set's archive (file_backup.py)
 
 
 class Check(object):

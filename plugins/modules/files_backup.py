@@ -223,7 +223,7 @@ manifest:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
-from ansible_collections.clinic.backup.plugins.module_utils.files import (
+from ansible_collections.clinic.backup.plugins.module_utils.file_backup import (
     FileBackupOptions,
     run_file_backup,
 )

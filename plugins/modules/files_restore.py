@@ -204,7 +204,7 @@ passed_over:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
-from ansible_collections.clinic.backup.plugins.module_utils.files import restore_files
+from ansible_collections.clinic.backup.plugins.module_utils.file_restore import restore_files
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,

@@ -24,7 +24,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.errors import (
     SourceError,
     StoreError,
 )
-from ansible_collections.clinic.backup.plugins.module_utils.files import (
+from ansible_collections.clinic.backup.plugins.module_utils.file_backup import (
     FileBackupOptions,
     run_file_backup,
 )

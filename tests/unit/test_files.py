@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.clinic.backup.plugins.module_utils import files
+from ansible_collections.clinic.backup.plugins.module_utils import file_backup, file_restore
 from ansible_collections.clinic.backup.plugins.module_utils.catalog import validate_manifest
 from ansible_collections.clinic.backup.plugins.module_utils.errors import (
     BackupError,
@@ -32,7 +32,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.verify import (
 
 
 # ---------------------------------------------------------------------- helpers
-def archive_of(producer: files.TarProducer) -> bytes:
+def archive_of(producer: file_backup.TarProducer) -> bytes:
     return b"".join(producer)
 
 
@@ -89,7 +89,7 @@ def sample(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------- naming and options
 def test_each_path_gets_its_own_archive_prefix():
-    assert files.member_prefixes(["/srv/a/config", "/etc/b/config", "/home/app/.env"]) == [
+    assert file_backup.member_prefixes(["/srv/a/config", "/etc/b/config", "/home/app/.env"]) == [
         "0-config",
         "1-config",
         "2-.env",
@@ -100,7 +100,9 @@ def test_two_paths_with_one_basename_never_collide(tmp_path):
     for parent in ("a", "b"):
         (tmp_path / parent / "config").mkdir(parents=True)
         (tmp_path / parent / "config" / "app.ini").write_text(parent)
-    producer = files.TarProducer([str(tmp_path / "a" / "config"), str(tmp_path / "b" / "config")])
+    producer = file_backup.TarProducer(
+        [str(tmp_path / "a" / "config"), str(tmp_path / "b" / "config")]
+    )
     found = members(archive_of(producer))
     assert found["0-config/app.ini"][1] == b"a"
     assert found["1-config/app.ini"][1] == b"b"
@@ -121,14 +123,14 @@ def test_options_refuse_bad_paths_and_names(tmp_path):
     ]
     for kwargs, words in cases:
         with pytest.raises(ConfigError, match=words):
-            files.FileBackupOptions(encrypt=False, **kwargs)
+            file_backup.FileBackupOptions(encrypt=False, **kwargs)
     with pytest.raises(ConfigError, match="no passphrase_file"):
-        files.FileBackupOptions("uploads", [good])
+        file_backup.FileBackupOptions("uploads", [good])
 
 
 # ---------------------------------------------------------------------- the archive
 def test_archive_keeps_files_modes_times_owners_and_links(sample):
-    producer = files.TarProducer([str(sample)], exclude=["*.part"])
+    producer = file_backup.TarProducer([str(sample)], exclude=["*.part"])
     data = archive_of(producer)
     assert len(data) % tarfile.RECORDSIZE == 0
     found = members(data)
@@ -146,15 +148,15 @@ def test_archive_keeps_files_modes_times_owners_and_links(sample):
     assert "0-uploads/pipe" not in found and "0-uploads/tmp/upload.part" not in found
     reasons = sorted((s["path"].split("/")[-1], s["reason"]) for s in producer.skipped)
     assert reasons == [
-        ("outside", files.LINK_OUTSIDE),
-        ("pipe", files.SPECIAL),
-        ("up", files.LINK_OUTSIDE),
+        ("outside", file_backup.LINK_OUTSIDE),
+        ("pipe", file_backup.SPECIAL),
+        ("up", file_backup.LINK_OUTSIDE),
     ]
     summary = producer.summary()
     assert summary["count"] == 4 and summary["excluded"] == 1 and summary["symlinks"] == 2
     assert summary["skipped"] == [
-        {"reason": files.LINK_OUTSIDE, "count": 2},
-        {"reason": files.SPECIAL, "count": 1},
+        {"reason": file_backup.LINK_OUTSIDE, "count": 2},
+        {"reason": file_backup.SPECIAL, "count": 1},
     ]
     assert "consent" not in json.dumps(summary)  # no file names in the manifest's record
 
@@ -167,28 +169,28 @@ def test_sockets_are_skipped_and_the_repository_is_left_out(tmp_path):
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.bind(str(root / "app.sock"))
-        producer = files.TarProducer([str(root)], skip_dirs=[str(root / "repo")])
+        producer = file_backup.TarProducer([str(root)], skip_dirs=[str(root / "repo")])
         found = members(archive_of(producer))
     finally:
         sock.close()
     assert sorted(found) == ["0-data", "0-data/keep"]
-    assert {s["reason"] for s in producer.skipped} == {files.SPECIAL, files.REPOSITORY}
+    assert {s["reason"] for s in producer.skipped} == {file_backup.SPECIAL, file_backup.REPOSITORY}
 
 
 def test_a_file_vanishing_before_it_is_read_is_reported_not_stored(sample, monkeypatch):
     victim = sample / "consent form.pdf"
-    real_open = files._open_for_reading
+    real_open = file_backup._open_for_reading
 
     def vanish(path):
         if path == str(victim):
             os.unlink(path)
         return real_open(path)
 
-    monkeypatch.setattr(files, "_open_for_reading", vanish)
-    producer = files.TarProducer([str(sample)])
+    monkeypatch.setattr(file_backup, "_open_for_reading", vanish)
+    producer = file_backup.TarProducer([str(sample)])
     found = members(archive_of(producer))
     assert "0-uploads/consent form.pdf" not in found
-    assert {"path": str(victim), "reason": files.VANISHED} in [
+    assert {"path": str(victim), "reason": file_backup.VANISHED} in [
         {k: s[k] for k in ("path", "reason")} for s in producer.skipped
     ]
     assert producer.errors == []
@@ -213,8 +215,8 @@ def test_a_file_shrinking_while_read_is_padded_to_its_declared_size(tmp_path, mo
             calls.append(size)
         return os.read(fd, size)
 
-    monkeypatch.setattr(files, "_read_chunk", shrink_then_read)
-    producer = files.TarProducer([str(root)], chunk_size=4096)
+    monkeypatch.setattr(file_backup, "_read_chunk", shrink_then_read)
+    producer = file_backup.TarProducer([str(root)], chunk_size=4096)
     found = members(archive_of(producer))  # the archive stays readable
     info, body = found["0-big/scan.dcm"]
     assert info.size == len(original) == len(body)
@@ -237,8 +239,8 @@ def test_a_file_growing_while_read_is_cut_at_its_declared_size(tmp_path, monkeyp
             grown.append(True)
         return os.read(fd, size)
 
-    monkeypatch.setattr(files, "_read_chunk", grow_then_read)
-    producer = files.TarProducer([str(root)], chunk_size=4096)
+    monkeypatch.setattr(file_backup, "_read_chunk", grow_then_read)
+    producer = file_backup.TarProducer([str(root)], chunk_size=4096)
     found = members(archive_of(producer))
     assert found["0-big/scan.dcm"][1] == original
     assert "grew while being read" in producer.changed[0]["detail"]
@@ -250,8 +252,8 @@ def test_a_read_error_is_an_error_and_keeps_the_archive_consistent(tmp_path, mon
     def failing(fd, size):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(files, "_read_chunk", failing)
-    producer = files.TarProducer([str(root)])
+    monkeypatch.setattr(file_backup, "_read_chunk", failing)
+    producer = file_backup.TarProducer([str(root)])
     found = members(archive_of(producer))
     assert found["0-big/scan.dcm"][1] == bytes(found["0-big/scan.dcm"][0].size)
     assert [e["path"] for e in producer.errors] == [
@@ -264,8 +266,8 @@ def test_check_mode_counts_without_opening_files(sample, monkeypatch):
     def refuse(path):
         raise AssertionError("opened %s" % path)
 
-    monkeypatch.setattr(files, "_open_for_reading", refuse)
-    producer = files.TarProducer([str(sample)], read=False)
+    monkeypatch.setattr(file_backup, "_open_for_reading", refuse)
+    producer = file_backup.TarProducer([str(sample)], read=False)
     for _piece in producer:
         pass
     assert producer.files == 5
@@ -292,9 +294,9 @@ def tar_bytes(entries) -> bytes:
     return stream.getvalue()
 
 
-def extract(root: Path, data: bytes, **kwargs) -> files.FileTarExtractor:
+def extract(root: Path, data: bytes, **kwargs) -> file_restore.FileTarExtractor:
     root.mkdir(mode=0o700)
-    extractor = files.FileTarExtractor(str(root), **kwargs)
+    extractor = file_restore.FileTarExtractor(str(root), **kwargs)
     try:
         try:
             for start in range(0, len(data), 1000):
@@ -450,18 +452,18 @@ def test_check_files_judges_a_listing():
 # ---------------------------------------------------------------------- a local round trip
 def test_backup_verify_and_restore_round_trip(sample, tmp_path, passphrase_file):
     repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
-    options = files.FileBackupOptions(
+    options = file_backup.FileBackupOptions(
         "uploads", [str(sample)], exclude=["tmp"], passphrase_file=str(passphrase_file)
     )
-    checked = files.run_file_backup([repo], options, check_mode=True)
+    checked = file_backup.run_file_backup([repo], options, check_mode=True)
     assert checked["files"]["count"] == 4 and not (tmp_path / "repo").exists()
-    result = files.run_file_backup([repo], options)
+    result = file_backup.run_file_backup([repo], options)
     assert result["manifest"]["kind"] == "files" and result["files"]["count"] == 4
     assert "row_counts" not in result["manifest"]
     outcome = verify_set(repo, passphrase_file=str(passphrase_file), size_tolerance_percent=0)
     assert outcome["ok"], outcome["failures"]
     target = tmp_path / "restored"
-    restored = files.restore_files(repo, str(target), passphrase_file=str(passphrase_file))
+    restored = file_restore.restore_files(repo, str(target), passphrase_file=str(passphrase_file))
     assert restored["files"] == 4 and restored["layout"] == "content"
     expected = {
         k: v
@@ -472,23 +474,25 @@ def test_backup_verify_and_restore_round_trip(sample, tmp_path, passphrase_file)
     expected["absolute-inside"] = ("link", "scans")
     assert tree_digest(target) == expected
     with pytest.raises(ConfigError, match="already exists"):
-        files.restore_files(repo, str(target), passphrase_file=str(passphrase_file))
+        file_restore.restore_files(repo, str(target), passphrase_file=str(passphrase_file))
     assert [p.name for p in tmp_path.iterdir() if ".restoring-" in p.name] == []
 
 
 def test_unreadable_files_fail_the_run_after_the_set_is_stored(sample, tmp_path, monkeypatch):
-    real_open = files._open_for_reading
+    real_open = file_backup._open_for_reading
 
     def denied(path):
         if path.endswith("a.dcm"):
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_open(path)
 
-    monkeypatch.setattr(files, "_open_for_reading", denied)
+    monkeypatch.setattr(file_backup, "_open_for_reading", denied)
     repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
-    options = files.FileBackupOptions("uploads", [str(sample)], encrypt=False, compression="none")
+    options = file_backup.FileBackupOptions(
+        "uploads", [str(sample)], encrypt=False, compression="none"
+    )
     with pytest.raises(BackupError, match="could not be read.*a.dcm") as caught:
-        files.run_file_backup([repo], options)
+        file_backup.run_file_backup([repo], options)
     set_id = caught.value.result["set_id"]
     assert repo.set_ids() == [set_id]
     assert caught.value.result["files"]["unreadable"] == 1
@@ -496,29 +500,29 @@ def test_unreadable_files_fail_the_run_after_the_set_is_stored(sample, tmp_path,
 
 def test_restore_falls_back_to_the_older_set_when_the_newest_is_damaged(sample, tmp_path):
     repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
-    options = files.FileBackupOptions("uploads", [str(sample)], encrypt=False)
-    older = files.run_file_backup([repo], options)["set_id"]
-    newer = files.run_file_backup([repo], options)
+    options = file_backup.FileBackupOptions("uploads", [str(sample)], encrypt=False)
+    older = file_backup.run_file_backup([repo], options)["set_id"]
+    newer = file_backup.run_file_backup([repo], options)
     artifact = Path(newer["artifacts"][0]["locations"][repo.url])
     data = bytearray(artifact.read_bytes())
     data[len(data) // 2] ^= 0xFF
     artifact.write_bytes(bytes(data))
     plain = {"allow_unauthenticated": True, "allow_unencrypted": True}
-    result = files.restore_files(repo, str(tmp_path / "out"), mode="rehearse", **plain)
+    result = file_restore.restore_files(repo, str(tmp_path / "out"), mode="rehearse", **plain)
     assert result["set_id"] == older
     assert [d["set_id"] for d in result["damaged"]] == [newer["set_id"]]
     assert not (tmp_path / "out").exists()
     with pytest.raises(IntegrityError, match="sha256"):
-        files.restore_files(repo, str(tmp_path / "out"), set_id=newer["set_id"], **plain)
+        file_restore.restore_files(repo, str(tmp_path / "out"), set_id=newer["set_id"], **plain)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "uploads"]
 
 
 def test_a_name_taken_by_database_backups_is_refused(sample, tmp_path):
     repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
-    options = files.FileBackupOptions("clinic_db", [str(sample)], encrypt=False)
-    set_id = files.run_file_backup([repo], options)["set_id"]
+    options = file_backup.FileBackupOptions("clinic_db", [str(sample)], encrypt=False)
+    set_id = file_backup.run_file_backup([repo], options)["set_id"]
     with pytest.raises(ConfigError, match="not of 'uploads'"):
-        files.restore_files(repo, str(tmp_path / "out"), set_id=set_id, name="uploads")
+        file_restore.restore_files(repo, str(tmp_path / "out"), set_id=set_id, name="uploads")
     # Turn the set into what a database set looks like: the next file backup must refuse.
     manifest_path = tmp_path / "repo" / "sets" / set_id / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -526,7 +530,7 @@ def test_a_name_taken_by_database_backups_is_refused(sample, tmp_path):
     manifest["artifacts"][0]["name"] = "database"
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="already holds database backups named 'clinic_db'"):
-        files.run_file_backup([repo], options)
+        file_backup.run_file_backup([repo], options)
     with pytest.raises(ConfigError, match="is a database backup"):
-        files.restore_files(repo, str(tmp_path / "out"), set_id=set_id)
+        file_restore.restore_files(repo, str(tmp_path / "out"), set_id=set_id)
     assert repo.set_ids() == [set_id] and not (tmp_path / "out").exists()

@@ -42,7 +42,7 @@ from .backup import BackupOptions, run_backup
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, LockedError
 from .file_backup import FileBackupOptions, run_file_backup
-from .file_restore import restore_files
+from .file_restore import FileRestoreOptions, restore_files
 from .metrics import write_job_metrics, write_skipped_metrics
 from .module_support import (
     AWS_CREDENTIAL_ARGS,
@@ -497,14 +497,14 @@ def cmd_files_restore_test(config, args):
     target = rehearsal.get("target_dir") or os.path.join(
         tempfile.gettempdir(), "clinic-restore-test-%s" % safe_name(config.get("name") or "files")
     )
-    return restore_files(
-        repositories(config, False)[0],
+    options = FileRestoreOptions(
         target,
+        mode="rehearse",
         set_id=args.set_id,
         name=config.get("name"),
         passphrase_file=config.get("passphrase_file"),
-        mode="rehearse",
     )
+    return restore_files(repositories(config, False)[0], options)
 
 
 def cmd_restore_test(config, args):

@@ -41,7 +41,7 @@ from .lifecycle import (
     stream_into,
     try_newest_first,
 )
-from .repository import fsync_dir, isoformat, parse_time, utc_now
+from .repository import check_set_id, fsync_dir, isoformat, parse_time, utc_now
 from .tarsafety import unsafe_member
 
 MODES = ("create", "replace", "rehearse")
@@ -442,23 +442,37 @@ def _is_file_set(entry_or_manifest):
 
 
 class FileRestoreOptions(object):
-    """What a file restore may take (the names choose_sets and check_restorable read)."""
+    """What to restore, where and how; validated on construction (ConfigError), like
+    restore.RestoreOptions. The target directory is checked when the restore runs (it
+    may appear or vanish meanwhile)."""
 
     def __init__(
         self,
-        name=None,
+        target_dir,
+        mode="create",
         set_id=None,
+        name=None,
         passphrase_file=None,
         preserve_owner=False,
+        fallback=True,
         allow_unauthenticated=False,
         allow_unencrypted=False,
     ):
+        if mode not in MODES:
+            raise ConfigError(
+                "unknown restore mode %r" % (mode,), "choose create, replace or rehearse"
+            )
         if name is not None:
             check_set_name(name)
-        self.name = name
+        if set_id is not None:
+            check_set_id(set_id)
+        self.target_dir = target_dir
+        self.mode = mode
         self.set_id = set_id
+        self.name = name
         self.passphrase_file = passphrase_file
         self.preserve_owner = bool(preserve_owner)
+        self.fallback = bool(fallback) and set_id is None
         self.allow_unauthenticated = bool(allow_unauthenticated)
         self.allow_unencrypted = bool(allow_unencrypted)
 
@@ -578,43 +592,27 @@ def _finalize(target, work, mode, now):
     return {"changed": True, "previous_dir": previous}
 
 
-def restore_files(
-    repo,
-    target_dir,
-    set_id=None,
-    name=None,
-    passphrase_file=None,
-    mode="create",
-    check_mode=False,
-    preserve_owner=False,
-    fallback=True,
-    now=None,
-    allow_unauthenticated=False,
-    allow_unencrypted=False,
-):
-    """Restore (or rehearse restoring) a file set into ``target_dir``; returns a result dict.
+def restore_files(repo, options, check_mode=False, now=None):
+    """Restore (or rehearse restoring) a file set as ``options`` (FileRestoreOptions)
+    say; returns a result dict.
 
     Sets are authenticated with the passphrase's key; an unauthenticated or unencrypted
-    set is only restored when this run allows it (see restore.check_restorable)."""
+    set is only restored when this run allows it (see lifecycle.check_restorable)."""
     now = now or utc_now()
     clock = time.time()
-    if name is not None:
-        check_set_name(name)
-    target, target_exists = check_target_dir(target_dir, mode)
+    mode = options.mode
+    target, target_exists = check_target_dir(options.target_dir, mode)
     warnings = []
-    if preserve_owner and os.geteuid() != 0:
+    if options.preserve_owner and os.geteuid() != 0:
         warnings.append("preserve_owner needs root: the restored files belong to this user")
-        preserve_owner = False
+        options.preserve_owner = False
     leftovers = sorted(glob.glob(glob.escape(target) + WORK_MARK + "*"))
     if leftovers:
         warnings.append(
             "work directories of interrupted restores are still there (they may hold patient "
             "data; remove them): %s" % ", ".join(leftovers)
         )
-    options = FileRestoreOptions(
-        name, set_id, passphrase_file, preserve_owner, allow_unauthenticated, allow_unencrypted
-    )
-    with ReadSession(passphrase_file) as session:
+    with ReadSession(options.passphrase_file) as session:
         to_try, passed = file_candidates(repo, options, session)
         if check_mode:
             manifest = load_manifest(repo, to_try[0], session.key)
@@ -648,9 +646,7 @@ def restore_files(
             )
             return result
 
-        result, damaged = try_newest_first(
-            to_try, attempt, bool(fallback) and set_id is None, target
-        )
+        result, damaged = try_newest_first(to_try, attempt, options.fallback, target)
     result["warnings"] = warnings + result["warnings"]
     result.update(
         {

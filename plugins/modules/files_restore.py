@@ -204,7 +204,10 @@ passed_over:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
-from ansible_collections.clinic.backup.plugins.module_utils.file_restore import restore_files
+from ansible_collections.clinic.backup.plugins.module_utils.file_restore import (
+    FileRestoreOptions,
+    restore_files,
+)
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
@@ -214,6 +217,18 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     fail_audited,
     missing_library,
     repository_from_params,
+)
+
+OPTION_KEYS = (
+    "target_dir",
+    "mode",
+    "set_id",
+    "name",
+    "passphrase_file",
+    "preserve_owner",
+    "fallback",
+    "allow_unauthenticated",
+    "allow_unencrypted",
 )
 
 
@@ -247,18 +262,9 @@ def main():
     if missing:
         module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
     try:
+        options = FileRestoreOptions(**{key: params[key] for key in OPTION_KEYS})
         result = restore_files(
-            repository_from_params(params),
-            params["target_dir"],
-            set_id=params["set_id"],
-            name=params["name"],
-            passphrase_file=params["passphrase_file"],
-            mode=params["mode"],
-            check_mode=module.check_mode,
-            preserve_owner=params["preserve_owner"],
-            fallback=params["fallback"],
-            allow_unauthenticated=params["allow_unauthenticated"],
-            allow_unencrypted=params["allow_unencrypted"],
+            repository_from_params(params), options, check_mode=module.check_mode
         )
     except BackupError as exc:
         fail_audited(module, action, exc)

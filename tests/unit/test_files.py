@@ -463,7 +463,9 @@ def test_backup_verify_and_restore_round_trip(sample, tmp_path, passphrase_file)
     outcome = verify_set(repo, passphrase_file=str(passphrase_file), size_tolerance_percent=0)
     assert outcome["ok"], outcome["failures"]
     target = tmp_path / "restored"
-    restored = file_restore.restore_files(repo, str(target), passphrase_file=str(passphrase_file))
+    restored = file_restore.restore_files(
+        repo, file_restore.FileRestoreOptions(str(target), passphrase_file=str(passphrase_file))
+    )
     assert restored["files"] == 4 and restored["layout"] == "content"
     expected = {
         k: v
@@ -474,7 +476,9 @@ def test_backup_verify_and_restore_round_trip(sample, tmp_path, passphrase_file)
     expected["absolute-inside"] = ("link", "scans")
     assert tree_digest(target) == expected
     with pytest.raises(ConfigError, match="already exists"):
-        file_restore.restore_files(repo, str(target), passphrase_file=str(passphrase_file))
+        file_restore.restore_files(
+            repo, file_restore.FileRestoreOptions(str(target), passphrase_file=str(passphrase_file))
+        )
     assert [p.name for p in tmp_path.iterdir() if ".restoring-" in p.name] == []
 
 
@@ -508,12 +512,17 @@ def test_restore_falls_back_to_the_older_set_when_the_newest_is_damaged(sample, 
     data[len(data) // 2] ^= 0xFF
     artifact.write_bytes(bytes(data))
     plain = {"allow_unauthenticated": True, "allow_unencrypted": True}
-    result = file_restore.restore_files(repo, str(tmp_path / "out"), mode="rehearse", **plain)
+    result = file_restore.restore_files(
+        repo, file_restore.FileRestoreOptions(str(tmp_path / "out"), mode="rehearse", **plain)
+    )
     assert result["set_id"] == older
     assert [d["set_id"] for d in result["damaged"]] == [newer["set_id"]]
     assert not (tmp_path / "out").exists()
     with pytest.raises(IntegrityError, match="sha256"):
-        file_restore.restore_files(repo, str(tmp_path / "out"), set_id=newer["set_id"], **plain)
+        file_restore.restore_files(
+            repo,
+            file_restore.FileRestoreOptions(str(tmp_path / "out"), set_id=newer["set_id"], **plain),
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "uploads"]
 
 
@@ -522,7 +531,10 @@ def test_a_name_taken_by_database_backups_is_refused(sample, tmp_path):
     options = file_backup.FileBackupOptions("clinic_db", [str(sample)], encrypt=False)
     set_id = file_backup.run_file_backup([repo], options)["set_id"]
     with pytest.raises(ConfigError, match="not of 'uploads'"):
-        file_restore.restore_files(repo, str(tmp_path / "out"), set_id=set_id, name="uploads")
+        file_restore.restore_files(
+            repo,
+            file_restore.FileRestoreOptions(str(tmp_path / "out"), set_id=set_id, name="uploads"),
+        )
     # Turn the set into what a database set looks like: the next file backup must refuse.
     manifest_path = tmp_path / "repo" / "sets" / set_id / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -532,5 +544,7 @@ def test_a_name_taken_by_database_backups_is_refused(sample, tmp_path):
     with pytest.raises(ConfigError, match="already holds database backups named 'clinic_db'"):
         file_backup.run_file_backup([repo], options)
     with pytest.raises(ConfigError, match="is a database backup"):
-        file_restore.restore_files(repo, str(tmp_path / "out"), set_id=set_id)
+        file_restore.restore_files(
+            repo, file_restore.FileRestoreOptions(str(tmp_path / "out"), set_id=set_id)
+        )
     assert repo.set_ids() == [set_id] and not (tmp_path / "out").exists()

@@ -398,3 +398,21 @@ def test_alert_rules_flag_a_skipped_backup(host):
     assert 'operation="backup"' in skipped["expr"]
     assert skipped["labels"]["severity"] == "critical"
     assert "ClinicBackupJobSkipped" in rules
+
+
+def test_engine_subpackages_are_installed_and_removed_with_the_collection(host):
+    """The engine is copied recursively: a subpackage added to module_utils reaches the
+    host on the next converge, and one the collection drops is removed there."""
+    probe = ENGINE_DIR / "zz_role_probe"
+    installed = host.path("backup_agent_install_dir") / PACKAGE / "zz_role_probe"
+    probe.mkdir()
+    try:
+        (probe / "__init__.py").write_text("")
+        (probe / "sample.py").write_text("VALUE = 42\n")
+        host.play().assert_ok()
+        assert (installed / "sample.py").read_text() == "VALUE = 42\n"
+        assert (installed / "__init__.py").is_file()
+    finally:
+        shutil.rmtree(probe)
+    host.play().assert_ok()
+    assert not (installed / "sample.py").exists()

@@ -4,7 +4,11 @@
 #   1. System packages (apt): PostgreSQL server + client, gnupg, zstd, gzip, rsync, git,
 #      make, a C toolchain and headers. Skipped when every tool is already there (fast
 #      reruns) or when CLINIC_SKIP_APT=1.
-#   2. A virtualenv at <repo>/.venv with requirements-dev.txt. Skipped when the stamp
+#   2. The tools of the test hosts (tests/hosts, tests/testbed/hosts.py): rootful podman
+#      with runc and netavark, catatonit, mmdebstrap (builds the images from Debian's
+#      mirror), iptables, openssh-client. Skipped when present or CLINIC_SKIP_TEST_HOSTS=1;
+#      if they cannot be installed, a warning says so and the host tests skip with the reason.
+#   3. A virtualenv at <repo>/.venv with requirements-dev.txt. Skipped when the stamp
 #      .venv/.requirements.sha256 matches requirements-dev.txt + requirements.txt.
 #
 # Idempotent and quiet: tool output goes to a log that is shown only on failure.
@@ -12,6 +16,7 @@
 #                   python3.11 / 3.12 / 3.13)
 #      VENV         venv location (default: <repo>/.venv)
 #      CLINIC_SKIP_APT=1  never call apt-get
+#      CLINIC_SKIP_TEST_HOSTS=1  do not install the test host tools
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +28,12 @@ APT_PACKAGES=(
 )
 # Commands those packages provide (pg_ctl is checked separately: it is not on PATH).
 REQUIRED_COMMANDS=(psql pg_dump pg_restore gpg zstd gzip gcc pg_config rsync git make shellcheck crontab)
+# Test hosts: rootful podman (runc: crun fails on setrlimit on some kernels; netavark for
+# the internal networks; catatonit as the hosts' init), mmdebstrap for the images, ssh
+# for Ansible. No slirp4netns or uidmap: the hosts are rootful and have no route out.
+TEST_HOST_PACKAGES=(podman runc netavark catatonit iptables mmdebstrap openssh-client)
+TEST_HOST_COMMANDS=(podman runc catatonit iptables mmdebstrap ssh ssh-keygen)
+APT_UPDATED=0
 
 log() { printf 'bootstrap: %s\n' "$*"; }
 die() { printf 'bootstrap: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -90,6 +101,17 @@ missing_tools() {
   echo "${missing[*]}"
 }
 
+missing_test_host_tools() {
+  local missing=() cmd
+  for cmd in "${TEST_HOST_COMMANDS[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 ||
+      missing+=("$cmd")
+  done
+  [[ -x /usr/lib/podman/netavark ]] || missing+=("netavark")
+  echo "${missing[*]}"
+}
+
+# install_apt_packages PACKAGE...: apt-get update (once) and install PACKAGE...
 install_apt_packages() {
   local sudo=() created_policy=0
   if [[ "$(id -u)" -ne 0 ]]; then
@@ -105,15 +127,18 @@ install_apt_packages() {
     "${sudo[@]}" chmod 0755 /usr/sbin/policy-rc.d
     created_policy=1
   fi
-  log "apt-get update"
-  run_quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get -qq update
+  if [[ "$APT_UPDATED" -eq 0 ]]; then
+    log "apt-get update"
+    run_quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get -qq update
+    APT_UPDATED=1
+  fi
   # --no-upgrade: only add what is missing; never upgrade a PostgreSQL that is in use.
-  log "apt-get install ${APT_PACKAGES[*]}"
+  log "apt-get install $*"
   run_quiet "apt-get install" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
     apt-get -qq -y --no-install-recommends --no-upgrade -o Dpkg::Use-Pty=0 \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    install "${APT_PACKAGES[@]}"
+    install "$@"
   if [[ "$created_policy" -eq 1 ]]; then
     "${sudo[@]}" rm -f /usr/sbin/policy-rc.d
   fi
@@ -128,13 +153,33 @@ else
     log "system packages: all present"
   else
     log "system packages missing: $absent_tools"
-    install_apt_packages
+    install_apt_packages "${APT_PACKAGES[@]}"
     absent_tools="$(missing_tools)"
     [[ -z "$absent_tools" ]] || die "still missing after apt-get install: $absent_tools"
   fi
 fi
 
-# ---------------------------------------------------------------------------- 2. venv
+# ---------------------------------------------------------------------------- 2. test hosts
+if [[ "${CLINIC_SKIP_APT:-0}" == "1" || "${CLINIC_SKIP_TEST_HOSTS:-0}" == "1" ]]; then
+  log "test host tools: skipped (CLINIC_SKIP_APT / CLINIC_SKIP_TEST_HOSTS)"
+else
+  absent_tools="$(missing_test_host_tools)"
+  if [[ -z "$absent_tools" ]]; then
+    log "test host tools: all present"
+  else
+    log "test host tools missing: $absent_tools"
+    # Not fatal: on a machine that cannot have podman the host tests skip, saying why.
+    if (install_apt_packages "${TEST_HOST_PACKAGES[@]}"); then
+      absent_tools="$(missing_test_host_tools)"
+      [[ -z "$absent_tools" ]] ||
+        log "WARNING: still missing after apt-get install: $absent_tools (tests/hosts will skip)"
+    else
+      log "WARNING: could not install ${TEST_HOST_PACKAGES[*]} (tests/hosts will skip)"
+    fi
+  fi
+fi
+
+# ---------------------------------------------------------------------------- 3. venv
 PY="$(pick_python)"
 [[ -n "$PY" ]] || die "no Python 3.11-3.13 found (set PYTHON=/path/to/python3.11)"
 

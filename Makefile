@@ -4,11 +4,12 @@ VENV ?= $(CURDIR)/.venv
 PYTHON := $(VENV)/bin/python
 export VENV
 
-.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults sanity galaxy-import bench bench-restore clean
+.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults test-hosts test-hosts-clean sanity galaxy-import bench bench-restore clean
 
 help:
 	@echo "make demo   - back up a local PostgreSQL (throwaway sample cluster unless DATABASE_URL is set)"
 	@echo "make test   - install what is needed (apt + .venv) and run every gate and test"
+	@echo "make test-hosts - Debian 12 test hosts in podman (images built once, then cached)"
 	@echo "make bench  - time a backup against bare pg_dump baselines (BENCH_SCALE=...)"
 	@echo "make bench-restore - time the restore rehearsal against bare pg_restore (BENCH_SCALE=...)"
 
@@ -19,9 +20,10 @@ demo: bootstrap
 	$(PYTHON) scripts/demo.py
 
 # Cheap gates first so that a lint slip fails in seconds, the slow sanity run last.
+# tests/ includes tests/hosts (podman test hosts); -rs prints why anything was skipped.
 test: bootstrap
 	bash scripts/gates/lint.sh
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest -rs tests
 	bash scripts/gates/sanity.sh
 	bash scripts/gates/galaxy-import.sh
 
@@ -39,6 +41,16 @@ test-integration: bootstrap
 
 test-faults: bootstrap
 	$(PYTHON) -m pytest tests/faults
+
+# Builds the images on first use (a few minutes), then reuses them from
+# /var/cache/clinic-backup-testbed. CLINIC_TESTBED_REBUILD=1 rebuilds them.
+test-hosts: bootstrap
+	$(PYTHON) -m pytest -rs tests/hosts
+
+# Removes the test host images, containers and networks (the whole podman storage of
+# the test bed, outside the work tree); the next run builds the images again.
+test-hosts-clean:
+	$(PYTHON) -c 'import sys; sys.path.insert(0, "tests"); from testbed.hosts import purge_cache; purge_cache()'
 
 sanity: bootstrap
 	bash scripts/gates/sanity.sh

@@ -64,7 +64,7 @@ import stat
 import time
 
 from .errors import ConfigError, StoreError
-from .repository import fsync_dir, isoformat, utc_now
+from .repository import fsync_dir, isoformat, make_private_dirs, utc_now
 from .version import TOOL_VERSION
 
 ACTIONS = ("backup", "verify", "restore", "restore_test", "retention", "transfer", "credentials")
@@ -166,27 +166,6 @@ def _identity():
     return identity
 
 
-def _make_dirs(directory):
-    """Create ``directory`` and any missing parent with mode 0700."""
-    missing = []
-    while directory and not os.path.isdir(directory):
-        missing.append(directory)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            break
-        directory = parent
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o700)
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise StoreError(
-                    "cannot create audit log directory %s: %s" % (path, exc.strerror),
-                    "create it (mode 0700) for the user that runs the backups",
-                ) from exc
-    return bool(missing)
-
-
 class AuditLog(object):
     """An append-only, hash-chained JSON-lines audit log at ``path`` (absolute)."""
 
@@ -248,7 +227,7 @@ class AuditLog(object):
 
     def _open(self):
         directory = os.path.dirname(self.path)
-        created_dirs = _make_dirs(directory)
+        created_dirs = make_private_dirs(directory, "audit log directory")
         flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         created = False
         try:

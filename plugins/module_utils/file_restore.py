@@ -34,6 +34,8 @@ from .catalog import (
 from .errors import BackupError, ConfigError, IntegrityError, StoreError
 from .file_backup import ARTIFACT_NAME, CONTENT, KIND, check_set_name, is_inside
 from .lifecycle import (
+    RESTORE_MODES,
+    ReadOptions,
     ReadSession,
     check_readable_now,
     check_restorable,
@@ -41,10 +43,10 @@ from .lifecycle import (
     stream_into,
     try_newest_first,
 )
-from .repository import check_set_id, fsync_dir, isoformat, parse_time, utc_now
+from .repository import fsync_dir, isoformat, parse_time, utc_now
 from .tarsafety import unsafe_member
 
-MODES = ("create", "replace", "rehearse")
+MODES = RESTORE_MODES
 WORK_MARK = ".restoring-"
 PREVIOUS_MARK = ".pre-restore-"
 CHUNK = pipeline.CHUNK_SIZE
@@ -441,7 +443,7 @@ def _is_file_set(entry_or_manifest):
     return isinstance(manifest, dict) and manifest.get("kind") == KIND
 
 
-class FileRestoreOptions(object):
+class FileRestoreOptions(ReadOptions):
     """What to restore, where and how; validated on construction (ConfigError), like
     restore.RestoreOptions. The target directory is checked when the restore runs (it
     may appear or vanish meanwhile)."""
@@ -458,23 +460,14 @@ class FileRestoreOptions(object):
         allow_unauthenticated=False,
         allow_unencrypted=False,
     ):
-        if mode not in MODES:
-            raise ConfigError(
-                "unknown restore mode %r" % (mode,), "choose create, replace or rehearse"
-            )
+        self._set_read_options(
+            mode, set_id, passphrase_file, fallback, allow_unauthenticated, allow_unencrypted
+        )
         if name is not None:
             check_set_name(name)
-        if set_id is not None:
-            check_set_id(set_id)
         self.target_dir = target_dir
-        self.mode = mode
-        self.set_id = set_id
         self.name = name
-        self.passphrase_file = passphrase_file
         self.preserve_owner = bool(preserve_owner)
-        self.fallback = bool(fallback) and set_id is None
-        self.allow_unauthenticated = bool(allow_unauthenticated)
-        self.allow_unencrypted = bool(allow_unencrypted)
 
 
 def file_candidates(repo, options, session):

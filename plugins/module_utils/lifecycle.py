@@ -501,6 +501,34 @@ def check_readable_now(repo, manifest):
         )
 
 
+RESTORE_MODES = ("create", "replace", "rehearse")
+
+
+class ReadOptions(object):
+    """What a restore of any kind chooses and allows (see choose_sets, check_restorable);
+    the kind's options class adds where the set goes."""
+
+    def _set_read_options(
+        self, mode, set_id, passphrase_file, fallback, allow_unauthenticated, allow_unencrypted
+    ):
+        if mode not in RESTORE_MODES:
+            raise ConfigError(
+                "unknown restore mode %r" % (mode,), "choose create, replace or rehearse"
+            )
+        if set_id is not None:
+            check_set_id(set_id)
+        self.mode = mode
+        self.set_id = set_id
+        self.passphrase_file = passphrase_file
+        # An explicit set is that set: never an older one instead.
+        self.fallback = bool(fallback) and set_id is None
+        # Both are decisions for one run, never defaults: a set without a MAC may be
+        # planted, and an unencrypted one was readable (and writable) by anyone with
+        # access to the repository.
+        self.allow_unauthenticated = bool(allow_unauthenticated)
+        self.allow_unencrypted = bool(allow_unencrypted)
+
+
 class ReadSession(object):
     """What reading the sets of one run needs: the key that authenticates their records,
     and one gpg session from the first encrypted set on (a context manager)."""

@@ -32,6 +32,7 @@ import pwd
 import stat
 
 from .errors import LockedError, StoreError
+from .repository import make_private_dirs
 
 LOCK_DIR = None
 LOCK_DIR_ENV = "CLINIC_BACKUP_LOCK_DIR"
@@ -71,30 +72,10 @@ def lock_path_for(repositories):
     return os.path.join(lock_directory(), "clinic-backup-%s.lock" % digest)
 
 
-def _make_private_dirs(directory):
-    """Create ``directory`` and its missing parents, each 0700 (makedirs gives parents 0777)."""
-    missing = []
-    while directory and not os.path.lexists(directory):
-        missing.append(directory)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            break
-        directory = parent
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o700)
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise StoreError(
-                    "cannot create lock directory %s: %s" % (path, exc.strerror),
-                    "create it (mode 0700) for the user that runs the backups",
-                ) from exc
-
-
 def open_lock_directory(directory):
     """An O_DIRECTORY fd of ``directory``, created 0700 if missing; StoreError unless it
     is a real directory of the running user that group and others cannot write."""
-    _make_private_dirs(directory)
+    make_private_dirs(directory, "lock directory")
     hint = "remove it (it only ever holds lock files) and let the agent create it again"
     try:
         fd = os.open(

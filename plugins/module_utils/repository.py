@@ -61,11 +61,21 @@ def latest_file(database):
     return name + ".json"
 
 
+def load_json(raw):
+    """A stored JSON record; ValueError for anything that is not one. Stored records
+    are data a repository writer may have crafted: nesting deep enough to exhaust
+    the parser's recursion is "not valid JSON" like any other garbage."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(str(exc) or exc.__class__.__name__) from None
+
+
 def _pointer_record(raw, database):
     """A pointer document, if it parses and is this database's pointer."""
     try:
-        pointer = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        pointer = load_json(raw)
+    except ValueError:
         return None
     if not isinstance(pointer, dict) or pointer.get("database") != database:
         return None
@@ -152,6 +162,30 @@ def atomic_write(path, data, mode=0o600):
     os.close(fd)
     os.rename(tmp, path)
     fsync_dir(directory)
+
+
+def make_private_dirs(directory, what):
+    """Create ``directory`` and its missing parents, each 0700 (makedirs would give the
+    parents 0777 minus the umask); returns whether anything was created. A name that
+    exists in any form (even a dangling symlink) is not created over: the caller's own
+    checks then judge it."""
+    missing = []
+    while directory and not os.path.lexists(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise StoreError(
+                    "cannot create %s %s: %s" % (what, path, exc.strerror),
+                    "create it (mode 0700) for the user that runs the backups",
+                ) from exc
+    return bool(missing)
 
 
 def _unlink_quietly(path):

@@ -39,6 +39,8 @@ from . import pipeline, sqlguard
 from .catalog import load_manifest
 from .errors import ConfigError, IntegrityError, SourceError, StoreError
 from .lifecycle import (
+    RESTORE_MODES,
+    ReadOptions,
     ReadSession,
     check_readable_now,
     check_restorable,
@@ -47,11 +49,11 @@ from .lifecycle import (
     try_newest_first,
 )
 from .pgsource import find_pg_bin_dir
-from .repository import check_set_id, isoformat, parse_time, utc_now
+from .repository import isoformat, parse_time, utc_now
 from .tarsafety import unsafe_member
 from .verify import FAIL, verify_artifact
 
-MODES = ("create", "replace", "rehearse")
+MODES = RESTORE_MODES
 WORK_SUFFIX = "__restoring_"
 PREVIOUS_SUFFIX = "__pre_restore_"
 NAME_LIMIT = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names silently
@@ -97,7 +99,7 @@ def parse_moment(value, what="not_after"):
     return moment.astimezone(datetime.timezone.utc) if moment is not None else None
 
 
-class RestoreOptions(object):
+class RestoreOptions(ReadOptions):
     """What to restore, where and how; validated on construction (ConfigError)."""
 
     def __init__(
@@ -121,12 +123,9 @@ class RestoreOptions(object):
         allow_unauthenticated=False,
         allow_unencrypted=False,
     ):
-        if mode not in MODES:
-            raise ConfigError(
-                "unknown restore mode %r" % (mode,), "choose create, replace or rehearse"
-            )
-        if set_id is not None:
-            check_set_id(set_id)
+        self._set_read_options(
+            mode, set_id, passphrase_file, fallback, allow_unauthenticated, allow_unencrypted
+        )
         if mode == "rehearse" and target_database is None:
             target_database = "%s_restore_test" % (database or "clinic")[:40]
         self.target_database = check_database_name(target_database)
@@ -139,13 +138,9 @@ class RestoreOptions(object):
             raise ConfigError("jobs must be at least 1 (got %d)" % jobs)
         if scratch_dir is not None and not os.path.isabs(scratch_dir):
             raise ConfigError("scratch_dir %r must be an absolute path" % (scratch_dir,))
-        self.mode = mode
-        self.set_id = set_id
         self.database = database
         self.require_verified = bool(require_verified)
         self.not_after = parse_moment(not_after)
-        self.fallback = bool(fallback) and set_id is None
-        self.passphrase_file = passphrase_file
         self.jobs = jobs
         # Roles are server-wide: a rehearsal must not create or alter any.
         self.include_globals = bool(include_globals) and mode != "rehearse"
@@ -155,11 +150,6 @@ class RestoreOptions(object):
         self.check_row_counts = bool(check_row_counts)
         self.pg_bin_dir = pg_bin_dir
         self.scratch_dir = scratch_dir
-        # Both are decisions for one run, never defaults: a set without a MAC may be
-        # planted, and an unencrypted one was readable (and writable) by anyone with
-        # access to the repository.
-        self.allow_unauthenticated = bool(allow_unauthenticated)
-        self.allow_unencrypted = bool(allow_unencrypted)
 
 
 def _short(name, limit):
@@ -538,10 +528,13 @@ def _run_script(repo, set_id, artifact, manifest, gpg_session, argv, env):
         feeder.abort()
         raise
     code, errors = feeder.finish()
-    if feeder.guard.found:
+    found = feeder.guard.found
+    if not found and sqlguard.RESTRICTED_REFUSAL in errors:
+        found = "one the guard did not see, refused by psql"  # e.g. after SQL on its line
+    if found:
         raise IntegrityError(
             "%s holds a psql meta-command (%s): pg_dump never writes one there; psql refused "
-            "it (restricted mode)" % (repo.location(set_id, artifact["file"]), feeder.guard.found),
+            "it (restricted mode)" % (repo.location(set_id, artifact["file"]), found),
             "the set was tampered with: restore another set and find out who can write to the "
             "repository",
         )

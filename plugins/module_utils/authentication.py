@@ -187,7 +187,7 @@ def check(record, key, purpose):
         return None, OTHER_PASSPHRASE
     try:
         expected = key.mac(salt, purpose, record)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None, "it cannot be put in canonical form"
     if not hmac.compare_digest(expected, mac):
         return None, "its MAC does not match: it was altered after it was written"

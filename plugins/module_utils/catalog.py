@@ -13,11 +13,10 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import json
 
 from . import authentication
 from .errors import ConfigError, IntegrityError, StoreError
-from .repository import MANIFEST, VERIFICATION, check_file_name, parse_time
+from .repository import MANIFEST, VERIFICATION, check_file_name, load_json, parse_time
 
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = (
@@ -171,8 +170,8 @@ def load_manifest(repo, set_id, key=None):
             "a set without a manifest is incomplete: use another set",
         )
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        data = load_json(raw)
+    except ValueError as exc:
         raise IntegrityError(
             "manifest of %s in %s is not valid JSON: %s" % (set_id, repo.url, exc)
         ) from exc
@@ -204,8 +203,8 @@ def load_verification(repo, set_id, manifest=None, key=None):
     if raw is None:
         return None
     try:
-        record = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        record = load_json(raw)
+    except ValueError:
         return {"state": "unknown", "detail": "verification record is not valid JSON"}
     if (
         not isinstance(record, dict)

@@ -140,16 +140,18 @@ def database_summary(entries, now, max_age_hours=None):
         by_database.setdefault(entry["database"], []).append(entry)
     summary = {}
     for database, group in by_database.items():
-        newest = group[0]
+        # The newest set a restore would take: never one without a MAC (a planted set
+        # must not keep the staleness check green).
+        newest = newest_entry(group)
         verified = newest_entry(group, require_verified=True)
         item = {
             "count": len({entry["id"] for entry in group}),
-            "newest": newest["id"],
+            "newest": newest["id"] if newest else None,
             "newest_verified": verified["id"] if verified else None,
-            "age_hours": age_hours(newest, now),
+            "age_hours": age_hours(newest, now) if newest else None,
         }
         if max_age_hours:
-            item["stale"] = is_stale(newest, now, max_age_hours)
+            item["stale"] = newest is None or is_stale(newest, now, max_age_hours)
         summary[database] = item
     return summary
 

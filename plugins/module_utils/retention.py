@@ -38,6 +38,7 @@ __metaclass__ = type
 import contextlib
 import datetime
 
+from .authentication import UNSEALED
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, StoreError
 from .locking import RunLock, lock_path_for
@@ -46,6 +47,10 @@ from .repository import MANIFEST, parse_time, utc_now
 KEEP = "keep"
 DELETE = "delete"
 CORRUPT_REASON = "corrupt: left alone"
+UNAUTHENTICATED_REASON = (
+    "not authenticated (no MAC): left alone and not counted; delete it by hand once you know "
+    "whether it is a set written before records were sealed or a planted one"
+)
 DELETE_REASON = "not kept by the policy"
 
 # (attribute, option name, period label) in the order reasons are listed.
@@ -198,13 +203,14 @@ def _plan_database(entries, policy, now, pinned):
     return reasons
 
 
-def plan(entries, policy, now=None, database=None, pinned=None):
+def plan(entries, policy, now=None, database=None, pinned=None, allow_unauthenticated=False):
     """Decide, without any I/O, which sets to keep and which to delete.
 
     ``entries``: catalog entries (``catalog.list_catalog``), in any order.
     ``database``: plan only the sets of this database (corrupt entries, whose
     database cannot be read, are always reported).
     ``pinned``: ``{set_id: reason}`` of sets that must stay (the latest pointers).
+    Sets without a MAC are left alone and not counted unless ``allow_unauthenticated``.
 
     Returns one decision per entry, newest first: ``{"id", "state", "database",
     "action" ("keep" or "delete"), "reasons", "started_at", "verification"}``.  Raises
@@ -221,6 +227,12 @@ def plan(entries, policy, now=None, database=None, pinned=None):
             decisions[entry["id"]] = _decision(entry, KEEP, [CORRUPT_REASON])
             continue
         if database is not None and entry.get("database") != database:
+            continue
+        if entry.get("authentication") == UNSEALED and not allow_unauthenticated:
+            # Checked with the key and found without a MAC: written before records were
+            # sealed, or planted. It takes no slot of the policy (a planted "newest"
+            # must not push a real set out) and is never deleted here.
+            decisions[entry["id"]] = _decision(entry, KEEP, [UNAUTHENTICATED_REASON])
             continue
         by_database.setdefault(entry["database"], []).append(entry)
     for group in by_database.values():
@@ -280,13 +292,16 @@ def apply_retention(
     stale_seconds=3600,
     lock_paths=None,
     key=None,
+    allow_unauthenticated=False,
 ):
     """Apply ``policy`` to one repository (LocalRepository or S3Repository).
 
     ``key`` (authentication.RecordKey of the passphrase): a set whose manifest fails
     its MAC is corrupt (left alone, never counted as a kept set), a verification record
     or ``latest`` pointer that fails its MAC counts for nothing. Without it nothing is
-    authenticated, and the result warns.
+    authenticated, and the result warns. A set without a MAC (written before records
+    were sealed, or planted) is left alone and takes no slot of the policy, unless
+    ``allow_unauthenticated`` (pruning the sets of older versions once).
 
     Holds the repository lock(s) (``lock_paths``, by default those of ``repo``) for
     the whole run, so it never races a backup: a held lock raises LockedError.  In
@@ -315,10 +330,14 @@ def apply_retention(
             # briefly could make a backup starting at that moment fail.
             for path in lock_paths:
                 stack.enter_context(RunLock(path))
-        return _apply_locked(repo, policy, database, check_mode, now, stale_seconds, key)
+        return _apply_locked(
+            repo, policy, database, check_mode, now, stale_seconds, key, allow_unauthenticated
+        )
 
 
-def _apply_locked(repo, policy, database, check_mode, now, stale_seconds, key):
+def _apply_locked(
+    repo, policy, database, check_mode, now, stale_seconds, key, allow_unauthenticated
+):
     entries = list_catalog(repo, key=key)
     databases = sorted(
         {
@@ -332,7 +351,14 @@ def _apply_locked(repo, policy, database, check_mode, now, stale_seconds, key):
         pointer = repo.read_latest(name, key)
         if pointer:
             pinned[pointer] = "latest pointer"
-    decisions = plan(entries, policy, now=now, database=database, pinned=pinned)
+    decisions = plan(
+        entries,
+        policy,
+        now=now,
+        database=database,
+        pinned=pinned,
+        allow_unauthenticated=allow_unauthenticated,
+    )
     warnings = []
     if database is not None and not databases:
         warnings.append("no complete backup set of database %r in %s" % (database, repo.url))
@@ -346,6 +372,12 @@ def _apply_locked(repo, policy, database, check_mode, now, stale_seconds, key):
     if corrupt:
         warnings.append(
             "%d corrupt set(s) in %s left alone: %s" % (len(corrupt), repo.url, ", ".join(corrupt))
+        )
+    unsealed = [d["id"] for d in decisions if d["reasons"] == [UNAUTHENTICATED_REASON]]
+    if unsealed:
+        warnings.append(
+            "%d set(s) in %s carry no MAC and were left alone, not counted by the policy: %s"
+            % (len(unsealed), repo.url, ", ".join(unsealed))
         )
     if key is None:
         warnings.append(

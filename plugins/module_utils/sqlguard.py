@@ -34,6 +34,8 @@ _END_OF_COPY = re.compile(rb"^\\\.\r?$")
 # Versions whose psql knows \restrict, by major version (the minor release that added it).
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
 MAX_LINE = 64 * 1024 * 1024
+# What psql (run with LC_ALL=C) says when restricted mode refuses a meta-command.
+RESTRICTED_REFUSAL = "backslash commands are restricted"
 
 
 def psql_version(psql):
@@ -70,6 +72,7 @@ class MetaCommandGuard(object):
         self._pending = b""
         self._in_copy = False
         self._started = False
+        self._lexer = SqlLexer()
 
     def __call__(self, chunk):
         out = []
@@ -103,16 +106,108 @@ class MetaCommandGuard(object):
             if _END_OF_COPY.match(line):
                 self._in_copy = False
             return line
-        if _OWN_RESTRICT.match(line):
+        if self._lexer.state == _SQL and _OWN_RESTRICT.match(line):
             return None
-        if _COPY_FROM_STDIN.match(line):
+        if self._lexer.state == _SQL and _COPY_FROM_STDIN.match(line):
             self._in_copy = True
-        elif self.found is None and line.lstrip().startswith(b"\\"):
+            return line
+        at = self._lexer.feed(line)
+        if at is not None and self.found is None:
             self.found = "line %d: %s" % (
                 self._line,
-                line.strip()[:40].decode("utf-8", "replace"),
+                line[at : at + 40].strip().decode("utf-8", "replace"),
             )
         return line
+
+
+# Lexer states: plain SQL, a '...' string, an E'...' string, a "..." identifier, a
+# $tag$...$tag$ string, a /* ... */ comment.
+_SQL, _QUOTE, _ESCAPED_QUOTE, _IDENT, _DOLLAR, _COMMENT = range(6)
+_SQL_STOPS = re.compile(rb"[\\'\"$/-]")
+_DOLLAR_TAG = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
+_IDENT_CHAR = re.compile(rb"[A-Za-z0-9_$\x80-\xff]")
+_COMMENT_STOPS = re.compile(rb"/\*|\*/")
+
+
+class SqlLexer(object):
+    """Just enough of psql's lexer to tell where a backslash starts a meta-command: not
+    inside quotes, identifiers, dollar quotes or comments (strings may span lines)."""
+
+    def __init__(self):
+        self.state = _SQL
+        self._tag = b""
+        self._depth = 0
+
+    def feed(self, line):
+        """Consume one line (without its newline); the offset of the first backslash
+        that psql would read as a meta-command, or None."""
+        pos, end = 0, len(line)
+        while pos < end:
+            state = self.state
+            if state == _SQL:
+                match = _SQL_STOPS.search(line, pos)
+                if match is None:
+                    return None
+                pos, char = match.start(), line[match.start() : match.start() + 1]
+                if char == b"\\":
+                    return pos
+                if char == b"'":
+                    before = line[pos - 1 : pos]
+                    extended = before in (b"e", b"E") and not _IDENT_CHAR.match(
+                        line[pos - 2 : pos - 1] or b" "
+                    )
+                    self.state = _ESCAPED_QUOTE if extended else _QUOTE
+                    pos += 1
+                elif char == b'"':
+                    self.state = _IDENT
+                    pos += 1
+                elif char == b"$":
+                    tag = _DOLLAR_TAG.match(line, pos)
+                    if tag and not (pos and _IDENT_CHAR.match(line[pos - 1 : pos])):
+                        self.state, self._tag = _DOLLAR, tag.group(0)
+                        pos = tag.end()
+                    else:
+                        pos += 1
+                elif line.startswith(b"--", pos):
+                    return None  # the rest of the line is a comment
+                elif line.startswith(b"/*", pos):
+                    self.state, self._depth = _COMMENT, 1
+                    pos += 2
+                else:
+                    pos += 1
+            elif state in (_QUOTE, _IDENT):
+                quote = b"'" if state == _QUOTE else b'"'
+                found = line.find(quote, pos)
+                if found < 0:
+                    return None
+                if line[found + 1 : found + 2] == quote:
+                    pos = found + 2  # a doubled quote stays inside
+                else:
+                    self.state, pos = _SQL, found + 1
+            elif state == _ESCAPED_QUOTE:
+                quote, escape = line.find(b"'", pos), line.find(b"\\", pos)
+                if quote < 0 and escape < 0:
+                    return None
+                if escape >= 0 and (quote < 0 or escape < quote):
+                    pos = escape + 2  # the escaped character, whatever it is
+                elif line[quote + 1 : quote + 2] == b"'":
+                    pos = quote + 2
+                else:
+                    self.state, pos = _SQL, quote + 1
+            elif state == _DOLLAR:
+                found = line.find(self._tag, pos)
+                if found < 0:
+                    return None
+                self.state, pos = _SQL, found + len(self._tag)
+            else:
+                match = _COMMENT_STOPS.search(line, pos)
+                if match is None:
+                    return None
+                self._depth += 1 if match.group(0) == b"/*" else -1
+                pos = match.end()
+                if self._depth == 0:
+                    self.state = _SQL
+        return None
 
 
 # SQLSTATE classes that are not errors: successful completion, warning, no data.

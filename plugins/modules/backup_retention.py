@@ -34,6 +34,7 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - clinic.backup.audit
   - clinic.backup.authentication
+  - clinic.backup.authentication.unauthenticated
   - clinic.backup.s3
   - clinic.backup.s3.location
 attributes:
@@ -178,8 +179,8 @@ from ansible_collections.clinic.backup.plugins.module_utils.authentication impor
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
+    AUTHENTICATION_ARGS,
     AWS_CREDENTIAL_ARGS,
-    PASSPHRASE_ARGS,
     S3_LOCATION_ARGS,
     error_result,
     exit_audited,
@@ -199,7 +200,7 @@ def argument_spec():
     spec = dict(AWS_CREDENTIAL_ARGS)
     spec.update(S3_LOCATION_ARGS)
     spec.update(AUDIT_ARGS)
-    spec.update(PASSPHRASE_ARGS)
+    spec.update(AUTHENTICATION_ARGS)
     spec.update(
         repository=dict(type="path"),
         database=dict(type="str"),
@@ -286,6 +287,7 @@ def main():
                         stale_seconds=params["stale_seconds"],
                         lock_paths=lock_paths,
                         key=key,
+                        allow_unauthenticated=params["allow_unauthenticated"],
                     )
                 )
             except BackupError as exc:

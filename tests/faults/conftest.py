@@ -3,7 +3,8 @@
 The summary counts, per fault, what the tests *observed*: each test calls
 ``fault_summary.row(name)`` and adds observations (a run executed, a set that a fault
 made disappear, an agent that reported success for a set that is missing or fails
-verify, a secret found somewhere, a bad input and whether its error was clear). It is
+verify, a secret found somewhere, a bad input and whether its error was clear, a command
+planted in the repository that ran, an older set accepted as the newest). It is
 printed at the end of the session and written to tests/output/fault-summary.{json,md}.
 """
 
@@ -35,6 +36,8 @@ COLUMNS = (
     ("secrets_leaked", "secrets leaked"),
     ("bad_inputs", "bad inputs"),
     ("clear_errors", "clear errors"),
+    ("code_executions", "code executions"),
+    ("rollbacks_accepted", "rollbacks accepted"),
 )
 
 
@@ -70,6 +73,17 @@ class FaultRow:
         self.add("bad_inputs")
         if clear:
             self.add("clear_errors")
+
+    def code_execution(self, executed: bool) -> None:
+        """A command planted in the repository ran (its marker file appeared)."""
+        if executed:
+            self.add("code_executions")
+
+    def rollback(self, accepted: bool) -> None:
+        """An older set was taken for the newest (a copy under a newer id, a replayed
+        pointer) while the real newest set was intact."""
+        if accepted:
+            self.add("rollbacks_accepted")
 
 
 class FaultSummary:

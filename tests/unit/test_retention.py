@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import itertools
 import os
@@ -10,7 +11,8 @@ import time
 
 import pytest
 
-from ansible_collections.clinic.backup.plugins.module_utils import retention
+from ansible_collections.clinic.backup.plugins.module_utils import authentication, retention
+from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError, LockedError
 from ansible_collections.clinic.backup.plugins.module_utils.locking import RunLock, lock_path_for
 from ansible_collections.clinic.backup.plugins.module_utils.repository import (
@@ -19,10 +21,14 @@ from ansible_collections.clinic.backup.plugins.module_utils.repository import (
 )
 from ansible_collections.clinic.backup.plugins.module_utils.retention import (
     RetentionPolicy,
-    apply_retention,
     check_plan,
     plan,
 )
+
+# Sets written by this file are sealed, as the engine seals them, and retention runs
+# with the key: the behaviour a passphrase-configured clinic gets.
+KEY = RecordKey(b"retention test passphrase")
+apply_retention = functools.partial(retention.apply_retention, key=KEY)
 
 UTC = datetime.UTC
 NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -399,7 +405,7 @@ def write_set(repo, when, db="clinic_db", verification=None):
     sink.write(payload)
     sink.close()
     stamp = moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    writer.commit(
+    manifest = authentication.seal(
         {
             "format_version": 1,
             "id": set_id,
@@ -418,11 +424,26 @@ def write_set(repo, when, db="clinic_db", verification=None):
             ],
             "started_at": stamp,
             "finished_at": stamp,
-        }
+        },
+        KEY,
+        "manifest",
     )
+    writer.commit(manifest)
     if verification:
-        repo.write_verification(set_id, {"state": verification, "verified_at": when})
+        record = {
+            "state": verification,
+            "verified_at": when,
+            "set_id": set_id,
+            "manifest_mac": authentication.record_mac(manifest),
+        }
+        repo.write_verification(set_id, authentication.seal(record, KEY, "verification"))
     return set_id
+
+
+def point(repo, database, set_id):
+    """A sealed latest pointer, as a backup writes it."""
+    pointer = {"database": database, "set_id": set_id}
+    repo.write_latest(database, set_id, authentication.seal(pointer, KEY, "pointer"))
 
 
 @pytest.fixture
@@ -434,7 +455,7 @@ def repo(tmp_path):
 
 def test_apply_deletes_only_in_a_real_run(repo):
     ids = [write_set(repo, "2026-11-%02d" % day) for day in range(20, 30)]
-    repo.write_latest("clinic_db", ids[-1])
+    point(repo, "clinic_db", ids[-1])
     before = repo.set_ids()
     check = apply_retention(repo, policy(daily=3), check_mode=True, now=NOW)
     assert check["changed"] is True and check["check_mode"] is True
@@ -451,7 +472,7 @@ def test_apply_deletes_only_in_a_real_run(repo):
 
 def test_apply_keeps_the_set_the_latest_pointer_names(repo):
     ids = [write_set(repo, "2026-11-%02d" % day) for day in range(20, 25)]
-    repo.write_latest("clinic_db", ids[1])
+    point(repo, "clinic_db", ids[1])
     result = apply_retention(repo, policy(daily=1), now=NOW)
     assert repo.set_ids() == [ids[4], ids[1]]
     assert by_id(result["decisions"])[ids[1]]["reasons"] == ["latest pointer"]
@@ -523,3 +544,45 @@ def test_apply_validates_its_inputs(repo):
         apply_retention(repo, {"keep_daily": 7})
     with pytest.raises(ConfigError, match="stale_seconds"):
         apply_retention(repo, RetentionPolicy(), stale_seconds=-1)
+
+
+def test_a_set_without_a_mac_takes_no_slot_and_is_never_deleted(repo):
+    """A planted "newest" set (no MAC, an unsealed "ok" record) must not push the real
+    newest set out of the policy's slots."""
+    real = [write_set(repo, "2026-11-%02d" % day, verification="ok") for day in (27, 28)]
+    planted = "20261129T010000Z-clinic_db-ffffff"
+    writer = repo.begin(planted)
+    sink = writer.sink("db.dump")
+    sink.write(b"planted")
+    sink.close()
+    writer.commit(
+        {
+            "format_version": 1,
+            "id": planted,
+            "database": "clinic_db",
+            "format": "custom",
+            "compression": {"algorithm": "none"},
+            "encryption": {"method": "none"},
+            "artifacts": [
+                {
+                    "name": "database",
+                    "file": "db.dump",
+                    "content": "pg_dump-custom",
+                    "size": 7,
+                    "sha256": hashlib.sha256(b"planted").hexdigest(),
+                }
+            ],
+            "started_at": "2026-11-29T01:00:00.000000Z",
+            "finished_at": "2026-11-29T01:00:00.000000Z",
+        }
+    )
+    repo.write_verification(planted, {"state": "ok", "verified_at": "2026-11-29T02:00:00Z"})
+    point(repo, "clinic_db", real[0])  # a replayed older pointer
+    result = apply_retention(repo, policy(daily=1, min_keep=1), now=NOW)
+    assert real[1] in repo.set_ids() and planted in repo.set_ids()
+    assert result["deleted"] == [] or result["deleted"] == [real[0]]
+    assert any("carry no MAC" in w and planted in w for w in result["warnings"])
+    counted = apply_retention(
+        repo, policy(daily=1, min_keep=1), now=NOW, allow_unauthenticated=True
+    )
+    assert planted in counted["kept"]

@@ -48,12 +48,36 @@ def test_a_pg_dump_script_passes_restricted_under_our_own_key(sizes):
         b"SELECT 1;\n   \\o /tmp/out\n",
         b"COPY t FROM stdin;\n1\n\\.\n\\! id\n",
         b"\\unrestrict AbC123\n\\! id\n",
+        b"SELECT 1; \\! id\n",
+        b"SELECT 'a''b' AS x; \\! id\n",
+        b"SELECT $$ not \\! here $$; \\o /tmp/x\n",
+        b"/* a \\! b */ SELECT 1 \\g\n",
+        b"SELECT E'it\\'s' \\! id\n",
     ],
 )
 def test_a_meta_command_outside_copy_data_is_named(script):
     guard = sqlguard.MetaCommandGuard()
     run(guard, script)
     assert guard.found and "line" in guard.found
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        b"SELECT 'C:\\temp\\x' AS path;\n",
+        b"SELECT E'tab\\there', 'it''s \\ fine';\n",
+        b'SELECT 1 AS "odd\\name";\n',
+        b"CREATE FUNCTION f() RETURNS text AS $body$\nSELECT '\\';\n"
+        b"\\ still body\n$body$ LANGUAGE sql;\n",
+        b"/* outer /* nested \\ */ still \\ comment */ SELECT 1;\n",
+        b"-- a comment \\! not a command\nSELECT 1;\n",
+        b"SELECT a$b$c FROM t;\n",
+    ],
+)
+def test_backslashes_inside_sql_text_are_not_meta_commands(script):
+    guard = sqlguard.MetaCommandGuard()
+    run(guard, script)
+    assert guard.found is None
 
 
 def test_the_key_is_fresh_for_every_script():

@@ -7,12 +7,14 @@
 
 Commands: backup, verify, list, restore-test (a rehearsal of the newest set),
 retention (prune by the config's "retention" policy), and for a file group's config
-(name + paths: uploads, configuration) files-backup and files-restore-test.
+(name + paths: uploads, configuration) files-backup and files-restore-test; and
+status (read-only: a table per database and file group of one or more configs,
+``--config A --config B`` or ``--config-dir /etc/clinic-backup``; ``--json`` for machines).
 
 The config file is JSON whose keys are the modules' parameters (the role
 renders it from the same variables), so there is one vocabulary and one
 implementation; "audit_log" names the audit log every command but list appends
-to. Output is one JSON document on stdout; exit codes: 0 success, 1 failure
+to. Output is one JSON document on stdout (status: a text table unless --json); exit codes: 0 success, 1 failure
 (including an operation the audit log or the metrics could not record), 2 bad
 configuration, 75 another run held the lock for all of ``--lock-wait`` seconds (config
 key ``lock_wait``, default 0: give up at once). A run that gives up is still recorded:
@@ -56,9 +58,20 @@ from .module_support import (
     s3_repository,
 )
 from .pgsource import parse_url
-from .repository import safe_name
+from .repository import safe_name, utc_now
 from .restore import RestoreOptions, run_restore
 from .retention import RetentionPolicy, apply_retention, lock_paths_for
+from .status import (
+    DEFAULT_BACKUP_MAX_AGE_HOURS,
+    DEFAULT_LIMIT,
+    DEFAULT_RESTORE_TEST_MAX_AGE_DAYS,
+    DEFAULT_VERIFY_MAX_AGE_DAYS,
+    Thresholds,
+    build_status,
+    error_group,
+    render,
+)
+from .status_facts import gather_group
 from .verify import verify_set
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
@@ -550,6 +563,112 @@ METRIC_JOBS = {
 AUDIT_ACTIONS = METRIC_JOBS
 
 
+# Where status looks for the restore-test metrics without --metrics-dir: the
+# backup_agent role's default (backup_agent_metrics_dir), when it exists.
+DEFAULT_METRICS_DIR = "/var/lib/prometheus/node-exporter"
+
+
+def status_config_paths(args):
+    """The configs ``status`` reports on: every --config, then the *.json files of
+    --config-dir (the backup_agent role writes one per database and file group)."""
+    paths = list(args.config or [])
+    if args.config_dir:
+        try:
+            names = sorted(os.listdir(args.config_dir))
+        except OSError as exc:
+            raise ConfigError(
+                "cannot list config directory %s: %s" % (args.config_dir, exc.strerror),
+                "give the directory of the agent's JSON configs, e.g. /etc/clinic-backup",
+            ) from exc
+        found = [
+            os.path.join(args.config_dir, name)
+            for name in names
+            if name.endswith(".json") and os.path.isfile(os.path.join(args.config_dir, name))
+        ]
+        if not found:
+            raise ConfigError(
+                "config directory %s holds no *.json config" % args.config_dir,
+                "the backup_agent role writes one per database (backup_agent_databases)",
+            )
+        paths.extend(found)
+    if not paths:
+        raise ConfigError("status needs --config FILE (one or more) or --config-dir DIR")
+    return paths
+
+
+def status_group(path, args, now, thresholds, metrics_dir):
+    """The status of one config (read-only: no lock, no audit record, no metrics)."""
+    config = load_config(path)
+    check_config(config)
+    key = RecordKey.from_file(config.get("passphrase_file"))
+    locations = []
+    if config.get("repository"):
+        locations.append((config["repository"], lambda: local_repository(config["repository"])))
+    for target in config.get("s3_targets") or []:
+        locations.append(
+            (
+                "s3://%s/%s" % (target["bucket"], target.get("prefix") or ""),
+                lambda target=target: s3_repository(target, config),
+            )
+        )
+    if not locations:
+        raise ConfigError("the config names no repository and no s3_targets")
+    return gather_group(
+        database_name(config),
+        locations,
+        key,
+        now,
+        audit_log=config.get("audit_log"),
+        metrics_dir=metrics_dir,
+        restore_test_log=args.restore_test_log,
+        thresholds=thresholds,
+        limit=args.limit,
+    )
+
+
+def run_status(args):
+    """``status``: exit 0 when every config and repository was read (overdue or not),
+    1 when a repository or log could not be read, 2 for a bad config or option."""
+    try:
+        paths = status_config_paths(args)
+        thresholds = Thresholds(
+            args.backup_max_age_hours, args.verify_max_age_days, args.restore_test_max_age_days
+        )
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError("--limit must be at least 1, not %s" % args.limit)
+    except ConfigError as exc:
+        json.dump(error_result(exc), sys.stdout, indent=2, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+        return EXIT_CONFIG
+    metrics_dir = args.metrics_dir
+    if metrics_dir is None and os.path.isdir(DEFAULT_METRICS_DIR):
+        metrics_dir = DEFAULT_METRICS_DIR
+    now = utc_now()
+    groups, code = [], EXIT_OK
+    for path in paths:
+        try:
+            group = status_group(path, args, now, thresholds, metrics_dir)
+        except ConfigError as exc:
+            group, code = error_group(path, "config %s: %s" % (path, exc)), EXIT_CONFIG
+        except BackupError as exc:
+            group = error_group(path, "config %s: %s" % (path, exc))
+            code = code or EXIT_FAILED
+        if group.get("errors"):
+            code = code or EXIT_FAILED
+        groups.append(group)
+    report = build_status(groups, now, thresholds)
+    try:
+        if args.json:
+            json.dump(report, sys.stdout, indent=2, sort_keys=True, default=str)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(render(report))
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass  # stdout is gone (a closed pipe): the exit code still tells
+    return code
+
+
 def _terminate(signum, _frame):
     # Turn SIGTERM (cron timeout, systemd stop) into an exception so that
     # staging files are removed and uploads aborted on the way out.
@@ -563,6 +682,16 @@ def _seconds(text):
         value = -1.0
     if not value >= 0:
         raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more (got %r)" % text)
+    return value
+
+
+def _amount(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be a number, 0 or more (got %r)" % text)
     return value
 
 
@@ -593,8 +722,15 @@ def _record_skip(config, args, database, result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="clinic-backup", description="clinic.backup host agent")
-    parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("--config", required=True, help="JSON file with the module parameters")
+    parser.add_argument("command", choices=sorted(list(COMMANDS) + ["status"]))
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="JSON file with the module parameters (status: may be given several times)",
+    )
+    parser.add_argument(
+        "--config-dir", help="status: every *.json config in this directory (/etc/clinic-backup)"
+    )
     parser.add_argument("--set-id", help="set to verify or rehearse (default: the newest)")
     parser.add_argument("--metrics-dir", help="write Prometheus textfile metrics here")
     parser.add_argument(
@@ -604,7 +740,43 @@ def main(argv=None):
         help="while another run holds the repository lock, wait up to this long"
         " (default: the config's lock_wait, else 0: exit 75 at once)",
     )
+    status_options = parser.add_argument_group("status")
+    status_options.add_argument("--json", action="store_true", help="JSON instead of tables")
+    status_options.add_argument(
+        "--limit", type=int, default=DEFAULT_LIMIT, help="sets per table (default 10)"
+    )
+    status_options.add_argument(
+        "--backup-max-age-hours",
+        type=_amount,
+        default=DEFAULT_BACKUP_MAX_AGE_HOURS,
+        metavar="HOURS",
+        help="overdue without a backup this recent (default 25; 0: no check)",
+    )
+    status_options.add_argument(
+        "--verify-max-age-days",
+        type=_amount,
+        default=DEFAULT_VERIFY_MAX_AGE_DAYS,
+        metavar="DAYS",
+        help="overdue without a verification this recent, per copy (default 8; 0: no check)",
+    )
+    status_options.add_argument(
+        "--restore-test-max-age-days",
+        type=_amount,
+        default=DEFAULT_RESTORE_TEST_MAX_AGE_DAYS,
+        metavar="DAYS",
+        help="overdue without a successful restore test this recent (default 32; 0: no check)",
+    )
+    status_options.add_argument(
+        "--restore-test-log",
+        metavar="FILE",
+        help="also read playbooks/restore_test.yml's log (clinic_backup_restore_test_log)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "status":
+        return run_status(args)
+    if args.config_dir or not args.config or len(args.config) != 1:
+        parser.error("%s needs exactly one --config (and no --config-dir)" % args.command)
+    args.config = args.config[0]
     signal.signal(signal.SIGTERM, _terminate)
     started = time.time()
     database = "unknown"

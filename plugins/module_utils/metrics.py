@@ -60,6 +60,12 @@ def metrics_path(directory, job, database, skipped=False):
     return os.path.join(directory, "%s%s.%s.prom" % (prefix, job, file_stem(database)))
 
 
+def read_job_metrics(directory, job, database):
+    """The values of ``clinic_backup_<job>.<name>.prom`` as the last run wrote them
+    ({} when there is none): what the status report knows of the agent's runs."""
+    return read_previous(metrics_path(directory, job, database))
+
+
 def _write(directory, path, rows, labels):
     lines = []
     for name, kind, help_text, value in rows:

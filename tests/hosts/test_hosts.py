@@ -97,7 +97,7 @@ def test_services_run(clinic_hosts):
 def test_hosts_reach_each_other(clinic_hosts):
     db, bare = clinic_hosts.database, clinic_hosts.bare
     for source, target in ((db, bare), (bare, db)):
-        outcome, _ = _connect(source, target.ip, 22)
+        outcome, _seconds = _connect(source, target.ip, 22)
         assert outcome.startswith("connected SSH-2.0-OpenSSH"), (source.name, target.ip, outcome)
 
 

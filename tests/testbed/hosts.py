@@ -19,12 +19,12 @@ What this gives the tests (and, later, the molecule scenarios of issue #8):
 * :class:`HostNetwork`: one ``podman network create --internal --disable-dns``
   network and the hosts started on it. The hosts have no default route (a connection
   to a public address fails at once with "Network is unreachable"), no DNS server, and
-  reach each other and the controller through the network's bridge (its gateway address
-is the controller's; nothing routes beyond it). Name lookups go to 127.0.0.1 in the
-host, where nothing answers. netavark turns on
-  ``net.ipv4.ip_forward`` when it sets up a container; nothing on an internal network
-  needs it (the bridge switches, it does not route), so the value seen before the first
-  podman call is written back after every host start and in the ``finally``.
+  reach each other and the controller through the network's bridge (its gateway
+  address is the controller's; nothing routes beyond it). Name lookups go to 127.0.0.1
+  in the host, where nothing answers. netavark turns on ``net.ipv4.ip_forward`` when
+  it sets up a container; nothing on an internal network needs it (the bridge
+  switches, it does not route), so the value seen before the first podman call is
+  written back after every host start and in the ``finally``.
 
 * Commands in a host: :meth:`Host.exec` (``podman exec`` with an argv list; never a
   shell string). Containers and the network are removed in a ``finally``; leftovers of
@@ -569,7 +569,7 @@ class HostNetwork:
         address on the bridge; the hosts get no default route through it.
         """
         last = ""
-        for _ in range(attempts):
+        for _attempt in range(attempts):
             third = _free_third_octet()
             subnet, gateway = f"{SUBNET_BASE}.{third}.0/24", f"{SUBNET_BASE}.{third}.1"
             proc = podman(

@@ -142,8 +142,9 @@ def when(moment, now, tz=None):
     return "%s (%s)" % (local_time(moment, tz), human_age((now - moment).total_seconds()))
 
 
-def _time(text):
-    """An aware datetime from a catalog time or an ISO 8601 time with a zone, or None."""
+def _time(text, naive_utc=False):
+    """An aware datetime from a catalog time or an ISO 8601 time with a zone (or, with
+    ``naive_utc``, without one: taken as UTC), else None."""
     if isinstance(text, datetime.datetime):
         return text
     if not isinstance(text, str) or not text:
@@ -156,7 +157,9 @@ def _time(text):
         moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=_UTC) if naive_utc else None
+    return moment
 
 
 def _from_epoch(value):
@@ -350,7 +353,9 @@ def restore_tests_from_log(records, name, urls=()):
                 continue
         elif record.get("location") not in urls:
             continue
-        moment = _time(record.get("time"))
+        # restore_test.yml writes now(utc=true), which some ansible-core versions
+        # give without a zone.
+        moment = _time(record.get("time"), naive_utc=True)
         if moment is None:
             continue
         problems = record.get("problems") or []

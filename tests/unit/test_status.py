@@ -334,7 +334,8 @@ def test_playbook_restore_test_log_by_set_id_or_location():
     sets = both(2)
     records = [
         {
-            "time": (NOW - datetime.timedelta(days=1)).isoformat(),
+            # ansible's now(utc=true).isoformat() may carry no zone: UTC
+            "time": (NOW - datetime.timedelta(days=1)).replace(tzinfo=None).isoformat(),
             "outcome": "passed",
             "location": LOCAL,
             "set_id": sets[0]["id"],
@@ -356,6 +357,7 @@ def test_playbook_restore_test_log_by_set_id_or_location():
     assert result["restore_test"]["ok"] is False
     assert "no set" in result["restore_test_text"]
     assert result["last_successful_restore_test"]["rto_seconds"] == 5.5
+    assert result["last_successful_restore_test"]["at"] == "2026-11-21T12:00:00Z"
 
 
 # ---------------------------------------------------------------------- rendering

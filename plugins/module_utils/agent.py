@@ -71,7 +71,7 @@ from .status import (
     error_group,
     render,
 )
-from .status_facts import gather_group
+from .status_facts import gather_group, locations_of
 from .verify import verify_set
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
@@ -601,21 +601,9 @@ def status_group(path, args, now, thresholds, metrics_dir):
     config = load_config(path)
     check_config(config)
     key = RecordKey.from_file(config.get("passphrase_file"))
-    locations = []
-    if config.get("repository"):
-        locations.append((config["repository"], lambda: local_repository(config["repository"])))
-    for target in config.get("s3_targets") or []:
-        locations.append(
-            (
-                "s3://%s/%s" % (target["bucket"], target.get("prefix") or ""),
-                lambda target=target: s3_repository(target, config),
-            )
-        )
-    if not locations:
-        raise ConfigError("the config names no repository and no s3_targets")
     return gather_group(
         database_name(config),
-        locations,
+        locations_of(config),
         key,
         now,
         audit_log=config.get("audit_log"),
@@ -675,24 +663,22 @@ def _terminate(signum, _frame):
     raise SystemExit(128 + signum)
 
 
-def _seconds(text):
+def _non_negative(text, what):
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value >= 0:
-        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more (got %r)" % text)
+        raise argparse.ArgumentTypeError("must be %s, 0 or more (got %r)" % (what, text))
     return value
+
+
+def _seconds(text):
+    return _non_negative(text, "a number of seconds")
 
 
 def _amount(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be a number, 0 or more (got %r)" % text)
-    return value
+    return _non_negative(text, "a number")
 
 
 def _record_skip(config, args, database, result):

@@ -24,6 +24,7 @@ from . import status
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, StoreError
 from .metrics import read_job_metrics
+from .module_support import local_repository, s3_repository
 
 # Lines of a JSON-lines log that can hold a restore test (the rest are not parsed).
 _RESTORE_MARKERS = (b"restore", b"rto_seconds")
@@ -65,6 +66,25 @@ def read_json_lines(path, what):
         except OSError as exc:
             raise StoreError("cannot read %s %s: %s" % (what, path, exc.strerror)) from exc
     return records
+
+
+def locations_of(params):
+    """``(label, open)`` of every repository of an agent config or module parameters
+    (``repository``, ``s3_targets`` and the AWS credentials): opened lazily, so one
+    that cannot be opened is reported by gather_group instead of ending the status."""
+    locations = []
+    if params.get("repository"):
+        locations.append((params["repository"], lambda: local_repository(params["repository"])))
+    for target in params.get("s3_targets") or []:
+        locations.append(
+            (
+                "s3://%s/%s" % (target["bucket"], target.get("prefix") or ""),
+                lambda target=target: s3_repository(target, params),
+            )
+        )
+    if not locations:
+        raise ConfigError("the config names no repository and no s3_targets")
+    return locations
 
 
 def gather_group(

@@ -179,9 +179,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     AWS_CREDENTIAL_ARGS,
     PASSPHRASE_ARGS,
     error_result,
-    local_repository,
     missing_library,
-    s3_repository,
     s3_target_options,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.repository import utc_now
@@ -189,7 +187,10 @@ from ansible_collections.clinic.backup.plugins.module_utils.status import (
     Thresholds,
     render_group,
 )
-from ansible_collections.clinic.backup.plugins.module_utils.status_facts import gather_group
+from ansible_collections.clinic.backup.plugins.module_utils.status_facts import (
+    gather_group,
+    locations_of,
+)
 
 
 def argument_spec():
@@ -220,16 +221,6 @@ def main():
     missing = missing_library(params)
     if missing:
         module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
-    locations = []
-    if params["repository"]:
-        locations.append((params["repository"], lambda: local_repository(params["repository"])))
-    for target in params["s3_targets"]:
-        locations.append(
-            (
-                "s3://%s/%s" % (target["bucket"], target.get("prefix") or ""),
-                lambda target=target: s3_repository(target, params),
-            )
-        )
     try:
         thresholds = Thresholds(
             params["backup_max_age_hours"],
@@ -238,7 +229,7 @@ def main():
         )
         group = gather_group(
             params["database"],
-            locations,
+            locations_of(params),
             RecordKey.from_file(params["passphrase_file"]),
             utc_now(),
             audit_log=params["audit_log"],

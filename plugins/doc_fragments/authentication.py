@@ -19,6 +19,14 @@ options:
         the repository or bucket but does not know the passphrase cannot plant a set, mark one verified or
         pass an older set off as the newest. A record that fails the check is treated as damaged and named.
     type: path
+  old_passphrase_files:
+    description:
+      - After a passphrase rotation, the files (same rules as O(passphrase_file)) of the passphrases older sets
+        were written with. Each set's records name which key sealed them (a fingerprint, never the key), so
+        every set is checked and decrypted with its own passphrase; new sets only ever use O(passphrase_file).
+    type: list
+    elements: path
+    default: []
 """
 
     # Modules that choose or check sets may be told to take unsealed ones.

@@ -73,19 +73,43 @@ class RecordKey(object):
     share a salt and listing a catalog derives the key once, not once per set).
     """
 
-    def __init__(self, passphrase):
+    def __init__(self, passphrase, older=()):
         if not passphrase:
             raise ValueError("a record key needs a passphrase")
         self._passphrase = passphrase
         self._keys = {}
         self._salt = None
+        # After a rotation: the passphrases of older sets, to check (never to seal) with.
+        self._older = [RecordKey(p) for p in older]
 
     @classmethod
-    def from_file(cls, passphrase_file):
-        """The key of a passphrase file (checked like every passphrase file), or None."""
+    def from_file(cls, passphrase_file, old_passphrase_files=()):
+        """The key of a passphrase file (and of the older ones a rotation kept), each
+        checked like every passphrase file; None without a passphrase file."""
         if not passphrase_file:
             return None
-        return cls(load_passphrase(passphrase_file))
+        return cls(
+            load_passphrase(passphrase_file),
+            [load_passphrase(path) for path in old_passphrase_files or ()],
+        )
+
+    def signer(self, salt, key_id):
+        """The key (this passphrase's or an older one's) whose fingerprint for ``salt``
+        is ``key_id``, or None."""
+        for key in [self] + self._older:
+            if hmac.compare_digest(key.key_id(salt), key_id):
+                return key
+        return None
+
+    def passphrase_for(self, record):
+        """The passphrase that sealed ``record`` (the one its artifacts were encrypted
+        with); this key's own for a record it cannot place."""
+        block = record.get(FIELD) if isinstance(record, dict) else None
+        try:
+            signer = self.signer(bytes.fromhex(block["salt"]), block["key_id"])
+        except (TypeError, KeyError, ValueError):
+            signer = None
+        return (signer or self)._passphrase
 
     def _key(self, salt):
         key = self._keys.get(salt)
@@ -119,7 +143,11 @@ class RecordKey(object):
 
     def adopt_salt(self, record, purpose="pointer"):
         """Seal later records with the salt of ``record`` if this key authenticates it."""
-        if self._salt is None and check(record, self, purpose)[0] == AUTHENTICATED:
+        if (
+            self._salt is None
+            and check(record, self, purpose)[0] == AUTHENTICATED
+            and self.signer(bytes.fromhex(record[FIELD]["salt"]), record[FIELD]["key_id"]) is self
+        ):
             self._salt = bytes.fromhex(record[FIELD]["salt"])
 
 
@@ -183,10 +211,11 @@ def check(record, key, purpose):
     ):
         return None, "its authentication block is malformed"
     salt = bytes.fromhex(salt)
-    if not hmac.compare_digest(key.key_id(salt), key_id):
+    signer = key.signer(salt, key_id)
+    if signer is None:
         return None, OTHER_PASSPHRASE
     try:
-        expected = key.mac(salt, purpose, record)
+        expected = signer.mac(salt, purpose, record)
     except (TypeError, ValueError, RecursionError):
         return None, "it cannot be put in canonical form"
     if not hmac.compare_digest(expected, mac):

@@ -459,9 +459,16 @@ class FileRestoreOptions(ReadOptions):
         fallback=True,
         allow_unauthenticated=False,
         allow_unencrypted=False,
+        old_passphrase_files=(),
     ):
         self._set_read_options(
-            mode, set_id, passphrase_file, fallback, allow_unauthenticated, allow_unencrypted
+            mode,
+            set_id,
+            passphrase_file,
+            fallback,
+            allow_unauthenticated,
+            allow_unencrypted,
+            old_passphrase_files,
         )
         if name is not None:
             check_set_name(name)
@@ -605,7 +612,7 @@ def restore_files(repo, options, check_mode=False, now=None):
             "work directories of interrupted restores are still there (they may hold patient "
             "data; remove them): %s" % ", ".join(leftovers)
         )
-    with ReadSession(options.passphrase_file) as session:
+    with ReadSession(options.passphrase_file, options.old_passphrase_files) as session:
         to_try, passed = file_candidates(repo, options, session)
         if check_mode:
             manifest = load_manifest(repo, to_try[0], session.key)

@@ -43,7 +43,6 @@ from .catalog import (
     unusable_reason,
 )
 from .errors import BackupError, ConfigError, IntegrityError, StoreError, UnreachableError
-from .passphrase import load_passphrase
 from .repository import check_set_id, isoformat, utc_now
 from .version import TOOL_NAME, TOOL_VERSION
 
@@ -509,7 +508,14 @@ class ReadOptions(object):
     the kind's options class adds where the set goes."""
 
     def _set_read_options(
-        self, mode, set_id, passphrase_file, fallback, allow_unauthenticated, allow_unencrypted
+        self,
+        mode,
+        set_id,
+        passphrase_file,
+        fallback,
+        allow_unauthenticated,
+        allow_unencrypted,
+        old_passphrase_files=(),
     ):
         if mode not in RESTORE_MODES:
             raise ConfigError(
@@ -520,6 +526,7 @@ class ReadOptions(object):
         self.mode = mode
         self.set_id = set_id
         self.passphrase_file = passphrase_file
+        self.old_passphrase_files = list(old_passphrase_files or ())
         # An explicit set is that set: never an older one instead.
         self.fallback = bool(fallback) and set_id is None
         # Both are decisions for one run, never defaults: a set without a MAC may be
@@ -533,30 +540,30 @@ class ReadSession(object):
     """What reading the sets of one run needs: the key that authenticates their records,
     and one gpg session from the first encrypted set on (a context manager)."""
 
-    def __init__(self, passphrase_file):
+    def __init__(self, passphrase_file, old_passphrase_files=()):
         self.passphrase_file = passphrase_file
-        self._passphrase = load_passphrase(passphrase_file) if passphrase_file else None
-        self.key = authentication.RecordKey(self._passphrase) if self._passphrase else None
-        self._gpg = None
+        self.key = authentication.RecordKey.from_file(passphrase_file, old_passphrase_files)
+        self._gpg = {}
 
     def gpg_for(self, manifest):
-        """The gpg session that decrypts ``manifest``'s artifacts (None: not encrypted)."""
+        """The gpg session that decrypts ``manifest``'s artifacts (None: not encrypted),
+        with the passphrase that sealed it (after a rotation, an older one)."""
         if manifest["encryption"]["method"] == "none":
             return None
-        if self._gpg is None:
-            if not self._passphrase:
-                raise ConfigError(
-                    "set %s is encrypted: a passphrase_file is needed to restore it"
-                    % manifest["id"],
-                    "set passphrase_file to the 0600 file the backups were made with",
-                )
-            self._gpg = pipeline.GpgSession(self._passphrase)
-        return self._gpg
+        if self.key is None:
+            raise ConfigError(
+                "set %s is encrypted: a passphrase_file is needed to restore it" % manifest["id"],
+                "set passphrase_file to the 0600 file the backups were made with",
+            )
+        passphrase = self.key.passphrase_for(manifest)
+        if passphrase not in self._gpg:
+            self._gpg[passphrase] = pipeline.GpgSession(passphrase)
+        return self._gpg[passphrase]
 
     def close(self):
-        if self._gpg is not None:
-            self._gpg.close()
-            self._gpg = None
+        for session in self._gpg.values():
+            session.close()
+        self._gpg = {}
 
     def __enter__(self):
         return self

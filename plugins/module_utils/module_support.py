@@ -42,7 +42,10 @@ S3_LOCATION_ARGS = dict(
 
 AUDIT_ARGS = dict(audit_log=dict(type="path"))
 # Doc fragment clinic.backup.authentication: modules that read sets.
-PASSPHRASE_ARGS = dict(passphrase_file=dict(type="path", no_log=False))
+PASSPHRASE_ARGS = dict(
+    passphrase_file=dict(type="path", no_log=False),
+    old_passphrase_files=dict(type="list", elements="path", default=[], no_log=False),
+)
 # ... clinic.backup.authentication.unauthenticated: modules that choose or check sets ...
 AUTHENTICATION_ARGS = dict(PASSPHRASE_ARGS, allow_unauthenticated=dict(type="bool", default=False))
 # ... and clinic.backup.authentication.restore.

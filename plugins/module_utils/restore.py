@@ -122,9 +122,16 @@ class RestoreOptions(ReadOptions):
         scratch_dir=None,
         allow_unauthenticated=False,
         allow_unencrypted=False,
+        old_passphrase_files=(),
     ):
         self._set_read_options(
-            mode, set_id, passphrase_file, fallback, allow_unauthenticated, allow_unencrypted
+            mode,
+            set_id,
+            passphrase_file,
+            fallback,
+            allow_unauthenticated,
+            allow_unencrypted,
+            old_passphrase_files,
         )
         if mode == "rehearse" and target_database is None:
             target_database = "%s_restore_test" % (database or "clinic")[:40]
@@ -624,14 +631,17 @@ class DatabaseRestore(object):
         """Restore ``set_id`` and put it where it belongs; returns the result."""
         self.work = None
         try:
-            result = self._restore(set_id)
+            result = self.restore_work(set_id)
             result.update(_finalize(self.server, self.options, self.work, self.now))
             return result
         except BaseException:
-            _drop_quietly(self.server, self.work)
+            drop_quietly(self.server, self.work)
             raise
 
-    def _restore(self, set_id):
+    def restore_work(self, set_id):
+        """Restore ``set_id`` into a fresh work database (``self.work``) and check it
+        against the manifest; returns the result so far. Public for the kinds of
+        restore that take what they need from the work database (table_restore)."""
         repo, options, bin_dir = self.repo, self.options, self.bin_dir
         manifest = load_manifest(repo, set_id, self.session.key)
         warnings = check_restorable(manifest, options, self.session.key)
@@ -721,7 +731,7 @@ def run_restore(repo, connection, options, check_mode=False, now=None):
     """
     now = now or utc_now()
     clock = time.time()
-    with ReadSession(options.passphrase_file) as session:
+    with ReadSession(options.passphrase_file, options.old_passphrase_files) as session:
         to_try, passed = candidates(repo, options, session)
         server = Server(connection)
         try:
@@ -756,7 +766,7 @@ def run_restore(repo, connection, options, check_mode=False, now=None):
     return result
 
 
-def _drop_quietly(server, name):
+def drop_quietly(server, name):
     if not name:
         return
     try:

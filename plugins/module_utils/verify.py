@@ -21,7 +21,6 @@ from . import authentication, pipeline, sqlguard
 from .catalog import list_catalog, load_manifest, manifest_authentication
 from .errors import BackupError, ConfigError, IntegrityError
 from .lifecycle import check_readable_now
-from .passphrase import load_passphrase
 from .pgsource import find_pg_bin_dir
 from .repository import isoformat, parse_time, utc_now
 from .tarsafety import unsafe_link, unsafe_member
@@ -351,6 +350,7 @@ def verify_set(
     record=True,
     now=None,
     allow_unauthenticated=False,
+    old_passphrase_files=(),
 ):
     """Run every check on one set (default: the newest) and record the outcome.
 
@@ -358,8 +358,7 @@ def verify_set(
     ``authentication`` check unless ``allow_unauthenticated``) and the outcome is
     recorded sealed, bound to this set and manifest."""
     now = now or utc_now()
-    passphrase = load_passphrase(passphrase_file) if passphrase_file else None
-    key = authentication.RecordKey(passphrase) if passphrase else None
+    key = authentication.RecordKey.from_file(passphrase_file, old_passphrase_files)
     if set_id is None:
         entries = list_catalog(repo, database, key=key)
         if not entries:
@@ -398,7 +397,8 @@ def verify_set(
                 "set %s is encrypted: a passphrase_file is needed for the decrypt test" % set_id,
                 "set passphrase_file, or deep: false for checksums only",
             )
-        gpg_session = pipeline.GpgSession(passphrase)
+        # After a rotation, the passphrase the set was sealed (and encrypted) with.
+        gpg_session = pipeline.GpgSession(key.passphrase_for(manifest))
     try:
         # A file set needs tar, not PostgreSQL's tools (a web host may have none).
         needs_pg = deep and manifest.get("kind") != "files"

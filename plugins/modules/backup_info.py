@@ -66,6 +66,16 @@ options:
     description: Include each set's full manifest (artifacts, checksums, options, per-table row counts).
     type: bool
     default: false
+  list_tables:
+    description:
+      - Also return the tables of one set (O(set_id), by default RV(newest)) with their rows in the backup's
+        snapshot, from its manifest, in RV(tables). These are the names M(clinic.backup.backup_restore) takes in
+        O(clinic.backup.backup_restore#module:tables).
+    type: bool
+    default: false
+  set_id:
+    description: With O(list_tables=true), the set whose tables are listed.
+    type: str
   max_age_hours:
     description:
       - Mark the newest complete set of each database with RV(sets[].stale), true when it finished longer ago
@@ -94,6 +104,14 @@ EXAMPLES = r"""
     require_verified: true
     max_age_hours: 25
   register: verified
+
+- name: The tables of a set and their row counts (before a table restore)
+  clinic.backup.backup_info:
+    repository: /var/backups/clinic/db
+    passphrase_file: /root/.backup-passphrase
+    list_tables: true
+    set_id: 20261122T010000Z-clinic_db-1a2b3c
+  register: set_tables
 
 - name: Alert when no fresh verified backup exists
   ansible.builtin.fail:
@@ -191,6 +209,35 @@ databases:
       newest_verified: 20261121T010000Z-clinic_db-9f8e7d
       age_hours: 5.2
       stale: false
+tables:
+  description:
+    - With O(list_tables=true), the set whose tables are listed and its tables, sorted by name, with their rows
+      in the backup's snapshot (manifest). Null when there is no set to list (no O(set_id) and no RV(newest)).
+  returned: when O(list_tables=true)
+  type: dict
+  contains:
+    set_id:
+      description: The set.
+      type: str
+    repository:
+      description: Where its manifest was read.
+      type: str
+    database:
+      description: The database backed up.
+      type: str
+    authentication:
+      description: As RV(sets[].authentication).
+      type: str
+    rows:
+      description: Total rows.
+      type: int
+    tables:
+      description: One entry per table.
+      type: list
+      elements: dict
+      sample:
+        - {table: public.appointments, schema: public, name: appointments, rows: 4000}
+        - {table: public."Patient Notes", schema: public, name: Patient Notes, rows: 25}
 repositories:
   description: The locations read (a directory and/or an C(s3://) URL).
   returned: always
@@ -217,6 +264,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     repositories_from_params,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.repository import utc_now
+from ansible_collections.clinic.backup.plugins.module_utils.table_restore import set_tables
 
 
 def argument_spec():
@@ -231,6 +279,8 @@ def argument_spec():
         require_verified=dict(type="bool", default=False),
         include_manifest=dict(type="bool", default=False),
         max_age_hours=dict(type="float"),
+        list_tables=dict(type="bool", default=False),
+        set_id=dict(type="str"),
     )
     return spec
 
@@ -248,9 +298,10 @@ def main():
     try:
         check_options(params["limit"], params["max_age_hours"])
         repos = repositories_from_params(params)
-        key = RecordKey.from_file(params["passphrase_file"])
+        key = RecordKey.from_file(params["passphrase_file"], params["old_passphrase_files"])
+        entries = merge_entries(*(list_catalog(repo, key=key) for repo in repos))
         report = build_report(
-            merge_entries(*(list_catalog(repo, key=key) for repo in repos)),
+            entries,
             utc_now(),
             database=params["database"],
             limit=params["limit"],
@@ -259,6 +310,9 @@ def main():
             include_manifest=params["include_manifest"],
             max_age_hours=params["max_age_hours"],
         )
+        if params["list_tables"]:
+            wanted = params["set_id"] or (report["newest"] or {}).get("id")
+            report["tables"] = set_tables(entries, wanted) if wanted else None
     except BackupError as exc:
         module.fail_json(**error_result(exc))
     if key is None:

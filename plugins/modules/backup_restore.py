@@ -24,6 +24,11 @@ description:
   - Without O(set_id) the newest complete set is taken; a set that turns out damaged (missing artifact,
     sha256 mismatch, rows missing) is passed over for the next older one and reported in RV(damaged).
   - A wrong passphrase, a server error or bad input stops at once, never falls back to older data.
+  - O(mode=tables) restores chosen tables (O(tables)) into the existing O(target_database). The whole set is
+    restored into a work database and checked as above, then, in one transaction on the live database, the
+    tables' rows are appended (O(table_mode=append)) or the tables are dropped and re-created with their
+    schema, indexes, constraints and triggers as in the backup (O(table_mode=replace)). Every format works
+    (custom, directory and plain, through the work database).
   - Only sets whose manifest MAC holds under the passphrase's key are taken, and only encrypted ones
     (see O(allow_unauthenticated), O(allow_unencrypted)). Plain SQL scripts run in C(psql) restricted mode
     (C(\restrict)), so a meta-command in a script is refused and the set reported as tampered with.
@@ -41,7 +46,10 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    details: Chooses the set and checks the target and the privileges; creates, renames and drops nothing.
+    details:
+      - Chooses the set and checks the target and the privileges; creates, renames and drops nothing.
+      - With O(mode=tables), also resolves the table names in the set, counts the live tables' rows and reports
+        (and, for O(table_mode=replace), refuses) the objects that depend on them.
   diff_mode:
     support: none
   platform:
@@ -60,15 +68,48 @@ options:
     description:
       - Database to create (O(mode=create)) or replace (O(mode=replace)).
       - For O(mode=rehearse), the scratch database; by default C(<database>_restore_test).
+      - For O(mode=tables), the existing (live) database the tables are restored into.
     type: str
   mode:
     description:
       - V(create) restores into a new database and fails if O(target_database) exists.
       - V(replace) swaps the restored database in for the current one, which is kept as the rollback.
       - V(rehearse) restores into a scratch database, checks it, drops it and reports RTO/RPO.
+      - V(tables) restores only O(tables) into the existing O(target_database) (see O(table_mode)).
     type: str
-    choices: [create, replace, rehearse]
+    choices: [create, replace, rehearse, tables]
     default: create
+  tables:
+    description:
+      - With O(mode=tables) (required there, refused otherwise), the tables to restore, as the set's manifest
+        names them (M(clinic.backup.backup_info) with O(clinic.backup.backup_info#module:list_tables=true) lists
+        them), for example V(public.appointments), or a bare V(appointments) when only one schema has that table. Quoted parts
+        are unquoted (V(public."Patient Notes")), unquoted parts are taken literally (no case folding).
+      - A name the set does not hold fails before anything is built, listing the set's tables.
+    type: list
+    elements: str
+  table_mode:
+    description:
+      - With O(mode=tables), V(append) copies the backup's rows into the existing live tables (the rows deleted
+        by mistake); a row whose key is already there, or that breaks a foreign key, fails the whole restore and
+        nothing is changed. The live table's triggers fire.
+      - V(replace) drops each live table (never with CASCADE) and re-creates it from the backup's definition
+        with its rows, indexes, constraints, triggers, comments and grants (a dropped or damaged table). A table
+        that does not exist any more is simply created. Views, other tables' foreign keys and other objects that
+        depend on a table make the restore refuse, naming them (see O(recreate_foreign_keys)).
+      - Either way, the sequences a table owns are set to the later of the backup's and the live value, so no
+        id is handed out twice, and each table's row count is checked before the transaction commits.
+    type: str
+    choices: [append, replace]
+    default: append
+  recreate_foreign_keys:
+    description:
+      - With O(table_mode=replace), foreign keys of other tables that point at a replaced table are dropped
+        and re-created in the same transaction, which checks them against the restored rows (a row pointing at
+        a row the backup does not have fails the whole restore). Listed in RV(foreign_keys_recreated).
+      - Views and other dependent objects are never dropped; they always make O(table_mode=replace) refuse.
+    type: bool
+    default: false
   maintenance_db:
     description: Database to connect to for creating, renaming and dropping databases.
     type: str
@@ -103,7 +144,9 @@ options:
     description: Owner of the created database. By default the connecting role.
     type: str
   no_owner:
-    description: Do not restore object ownership (C(pg_restore --no-owner)); every object belongs to the connecting role.
+    description:
+      - Do not restore object ownership (C(pg_restore --no-owner)); every object belongs to the connecting role.
+      - With O(mode=tables) and O(table_mode=replace), the re-created tables belong to the connecting role too.
     type: bool
     default: false
   keep_previous:
@@ -125,6 +168,10 @@ requirements:
 notes:
   - The connecting role needs CREATEDB; O(mode=replace) also needs to own the target database (or be a superuser).
   - Sessions connected to the target are terminated when it is replaced; stop the application first.
+  - O(mode=tables) needs CREATEDB (for the work database) and, for O(table_mode=replace), the ownership of the
+    tables (or a superuser). It waits at most 60 seconds for a table the application holds, then fails
+    changing nothing. The live tables are locked until the transaction commits, against readers too with
+    O(table_mode=replace), against writers only with O(table_mode=append).
 seealso:
   - module: clinic.backup.backup_verify
   - module: clinic.backup.pg_dump
@@ -158,6 +205,29 @@ EXAMPLES = r"""
     require_verified: true
     not_after: "2026-11-29T22:00:00Z"
     include_globals: true
+    passphrase_file: /root/.backup-passphrase
+    login_user: postgres
+
+- name: Appointments deleted by mistake - append the newest backup's rows to the live table
+  clinic.backup.backup_restore:
+    repository: /var/backups/clinic/db
+    database: clinic_db
+    target_database: clinic_db
+    mode: tables
+    tables: [public.appointments]
+    table_mode: append
+    passphrase_file: /root/.backup-passphrase
+    login_user: postgres
+
+- name: A dropped or damaged table - put it back with its schema, re-checking the foreign keys pointing at it
+  clinic.backup.backup_restore:
+    repository: /var/backups/clinic/db
+    database: clinic_db
+    target_database: clinic_db
+    mode: tables
+    tables: [public.prescriptions]
+    table_mode: replace
+    recreate_foreign_keys: true
     passphrase_file: /root/.backup-passphrase
     login_user: postgres
 """
@@ -210,6 +280,69 @@ globals:
   description: With O(include_globals), whether roles were replayed and which statements failed.
   returned: when include_globals is true
   type: dict
+table_mode:
+  description: With O(mode=tables), the table mode used.
+  returned: when mode is tables
+  type: str
+tables:
+  description:
+    - With O(mode=tables), per table what was done (in check mode, what would be done, and the failure
+      result of a refused O(table_mode=replace) carries it too).
+  returned: when mode is tables
+  type: list
+  elements: dict
+  contains:
+    table:
+      description: The table, as the manifest names it.
+      type: str
+      sample: public.appointments
+    expected:
+      description: Its rows in the backup's snapshot (manifest).
+      type: int
+    restored:
+      description: Rows copied into the live table.
+      type: int
+    rows_before:
+      description: Rows in the live table before, or null when it did not exist.
+      type: int
+    rows_after:
+      description: Rows in the live table after (checked before the commit).
+      type: int
+    exists:
+      description: In check mode, whether the live table exists.
+      type: bool
+    existed:
+      description: Whether the live table existed before.
+      type: bool
+    sequences:
+      description: The sequences the table owns and the next value each will hand out.
+      type: list
+      elements: dict
+    dependents:
+      description:
+        - What depends on the live table, or null when it did not exist. V(referenced_by) (other tables' foreign
+          keys, with their definition), V(views), V(other) (functions, columns or defaults using its row type or
+          sequences) block O(table_mode=replace); V(references) (its own foreign keys) and V(triggers) (which fire
+          on append, and come back with the table on replace) are for information.
+      type: dict
+      sample:
+        referenced_by:
+          - constraint: prescriptions_record_id_fkey
+            table: public.prescriptions
+            definition: FOREIGN KEY (record_id) REFERENCES public.medical_records(record_id) ON DELETE CASCADE
+        views: [public.patient_summary]
+        other: []
+        references: [{constraint: medical_records_patient_id_fkey, table: public.patients}]
+        triggers: []
+foreign_keys_recreated:
+  description: With O(recreate_foreign_keys), the foreign keys that were dropped and re-created (checked).
+  returned: when mode is tables
+  type: list
+  elements: str
+work_database_dropped:
+  description: With O(mode=tables), the work database the set was restored into, dropped afterwards.
+  returned: when mode is tables
+  type: str
 """
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -231,6 +364,10 @@ from ansible_collections.clinic.backup.plugins.module_utils.restore import (
     RestoreOptions,
     run_restore,
 )
+from ansible_collections.clinic.backup.plugins.module_utils.table_restore import (
+    TableRestoreOptions,
+    run_table_restore,
+)
 
 OPTION_KEYS = (
     "target_database",
@@ -243,6 +380,7 @@ OPTION_KEYS = (
     "passphrase_file",
     "allow_unauthenticated",
     "allow_unencrypted",
+    "old_passphrase_files",
     "jobs",
     "include_globals",
     "no_owner",
@@ -252,6 +390,13 @@ OPTION_KEYS = (
     "pg_bin_dir",
     "scratch_dir",
 )
+# mode: tables takes the options of a restore that choose the set and build the work
+# database, and its own.
+TABLE_OPTION_KEYS = tuple(
+    key
+    for key in OPTION_KEYS
+    if key not in ("mode", "include_globals", "owner", "keep_previous", "check_row_counts")
+) + ("tables", "table_mode", "recreate_foreign_keys")
 
 
 def argument_spec():
@@ -265,7 +410,12 @@ def argument_spec():
         set_id=dict(type="str"),
         database=dict(type="str"),
         target_database=dict(type="str"),
-        mode=dict(type="str", default="create", choices=["create", "replace", "rehearse"]),
+        mode=dict(
+            type="str", default="create", choices=["create", "replace", "rehearse", "tables"]
+        ),
+        tables=dict(type="list", elements="str"),
+        table_mode=dict(type="str", default="append", choices=["append", "replace"]),
+        recreate_foreign_keys=dict(type="bool", default=False),
         maintenance_db=dict(type="str", default="postgres"),
         require_verified=dict(type="bool", default=False),
         not_after=dict(type="str"),
@@ -290,15 +440,27 @@ def main():
         required_if=[
             ("mode", "create", ("target_database",)),
             ("mode", "replace", ("target_database",)),
+            ("mode", "tables", ("target_database", "tables")),
         ],
     )
     params = module.params
     missing = missing_library(params, psycopg2=True)
     if missing:
         module.fail_json(msg=missing_required_lib(missing[0]), exception=str(missing[1]))
+    if params["tables"] and params["mode"] != "tables":
+        module.fail_json(
+            msg="tables is only used with mode: tables (got mode: %s); nothing was changed"
+            % params["mode"],
+            error_type="ConfigError",
+        )
     try:
-        options = RestoreOptions(**{key: params[key] for key in OPTION_KEYS})
-        result = run_restore(
+        if params["mode"] == "tables":
+            options = TableRestoreOptions(**{key: params[key] for key in TABLE_OPTION_KEYS})
+            run = run_table_restore
+        else:
+            options = RestoreOptions(**{key: params[key] for key in OPTION_KEYS})
+            run = run_restore
+        result = run(
             repository_from_params(params),
             connection_from_params(params, dbname=params["maintenance_db"]),
             options,

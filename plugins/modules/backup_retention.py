@@ -275,7 +275,7 @@ def main():
         )
         repositories = repositories_from_params(params)
         lock_paths = lock_paths_for(repositories)
-        key = RecordKey.from_file(params["passphrase_file"])
+        key = RecordKey.from_file(params["passphrase_file"], params["old_passphrase_files"])
         for repo in repositories:
             try:
                 results.append(

@@ -187,6 +187,7 @@ def main():
             pg_bin_dir=params["pg_bin_dir"],
             record=params["record"] and not module.check_mode,
             allow_unauthenticated=params["allow_unauthenticated"],
+            old_passphrase_files=params["old_passphrase_files"],
         )
     except BackupError as exc:
         fail_audited(module, "verify", exc)

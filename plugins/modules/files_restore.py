@@ -229,6 +229,7 @@ OPTION_KEYS = (
     "fallback",
     "allow_unauthenticated",
     "allow_unencrypted",
+    "old_passphrase_files",
 )
 
 

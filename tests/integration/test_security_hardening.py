@@ -358,3 +358,34 @@ def test_glacier_sets_stay_listed_and_restores_say_what_to_do(pg, s3, s3_bucket,
             RestoreRequest={"Days": 1},
         )
     assert verify_set(repo, set_id, passphrase_file=str(passphrase_file))["ok"]
+
+
+# ---------------------------------------------------------------------- passphrase rotation
+def test_after_a_rotation_old_and_new_sets_verify_and_restore(pg, tmp_path, passphrase_file):
+    """New sets use the new passphrase; the old one, kept as an old_passphrase_file,
+    still opens the sets it wrote: each set names (by fingerprint) the key that sealed it."""
+    from testbed.files import write_passphrase_file
+
+    new_passphrase = write_passphrase_file(tmp_path / "passphrase-2027")
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    old_set = take(pg, repo, pg.clinic_db, passphrase_file, row_counts=False)["set_id"]
+    new_set = take(pg, repo, pg.clinic_db, new_passphrase)["set_id"]
+    keyring = {
+        "passphrase_file": str(new_passphrase),
+        "old_passphrase_files": [str(passphrase_file)],
+    }
+    key = RecordKey.from_file(keyring["passphrase_file"], keyring["old_passphrase_files"])
+    assert [e["authentication"] for e in catalog.list_catalog(repo, key=key)] == ["ok", "ok"]
+    for set_id in (old_set, new_set):
+        assert verify_set(repo, set_id, **keyring)["ok"], set_id
+        result = run_restore(
+            repo,
+            connection(pg, "postgres"),
+            RestoreOptions(mode="rehearse", set_id=set_id, **keyring),
+        )
+        assert result["set_id"] == set_id
+    # Without the old passphrase the old set is the operator's problem, named as such.
+    with pytest.raises(ConfigError, match="sealed with another passphrase"):
+        verify_set(repo, old_set, passphrase_file=str(new_passphrase))
+    # The catalog still verifies both afterwards (the records verify_set wrote are sealed).
+    assert [e["verification"] for e in catalog.list_catalog(repo, key=key)] == ["ok", "ok"]

@@ -255,3 +255,18 @@ def test_a_malformed_manifest_is_one_corrupt_entry_not_a_broken_catalog(tmp_path
     assert entries[bad]["state"] == "corrupt" and bad in entries[bad]["error"]
     assert entries[good]["state"] == "complete"
     assert catalog.newest_complete(repo)["id"] == good
+
+
+def test_an_older_key_checks_what_it_sealed_but_never_seals(key):
+    old = authentication.RecordKey(b"the 2026 passphrase")
+    sealed_by_old = authentication.seal(manifest(), old, "manifest")
+    ring = authentication.RecordKey(b"correct horse battery staple", [b"the 2026 passphrase"])
+    assert authentication.check(sealed_by_old, ring, "manifest")[0] == authentication.AUTHENTICATED
+    assert ring.passphrase_for(sealed_by_old) == b"the 2026 passphrase"
+    new = authentication.seal(manifest(), ring, "manifest")
+    assert authentication.check(new, key, "manifest")[0] == authentication.AUTHENTICATED
+    assert ring.passphrase_for(new) == b"correct horse battery staple"
+    # A record sealed by the old key never lends its salt to new records.
+    ring2 = authentication.RecordKey(b"correct horse battery staple", [b"the 2026 passphrase"])
+    ring2.adopt_salt(sealed_by_old, "manifest")
+    assert ring2.seal_salt().hex() != sealed_by_old["authentication"]["salt"]

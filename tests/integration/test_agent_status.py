@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 def status(collections_path, *args, env=None):
     argv = [sys.executable, "-m", AGENT, "status", *[str(a) for a in args]]
     full_env = dict(os.environ, PYTHONPATH=collections_path, **(env or {}))
-    return subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        argv, env=full_env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def test_status_after_backup_verify_and_restore_test(
@@ -146,6 +148,7 @@ def test_status_without_passphrase_and_with_a_missing_repository(
         env=dict(os.environ, PYTHONPATH=collections_path),
         capture_output=True,
         text=True,
+        check=False,
     )
     assert other.returncode == 2
     assert "needs exactly one --config" in other.stderr

@@ -9,7 +9,7 @@ from testbed.ansible import run_playbook
 from tests.integration.test_playbooks_dr import (
     INVENTORY,
     PLAYBOOKS,
-    dr,  # noqa: F401 (the shared fixture)
+    dr,  # noqa: F401  # pylint: disable=unused-import  (the shared fixture)
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

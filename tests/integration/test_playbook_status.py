@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from testbed.ansible import run_playbook
 
-from tests.integration.test_playbooks_dr import (
-    INVENTORY,
-    PLAYBOOKS,
-    dr,  # noqa: F401  # pylint: disable=unused-import  (the shared fixture)
-)
+from tests.integration import test_playbooks_dr
+from tests.integration.test_playbooks_dr import INVENTORY, PLAYBOOKS
+
+# The DR tests' fixture (settings + one backup.yml set, local and S3), shared.
+dr = test_playbooks_dr.dr
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -19,7 +19,7 @@ READ = "Read the status of the database"
 CHECK = "Check that nothing is overdue"
 
 
-def test_status_playbook_shows_copies_restore_test_and_overdue(dr):  # noqa: F811
+def test_status_playbook_shows_copies_restore_test_and_overdue(dr):  # pylint: disable=redefined-outer-name
     log = dr.work / "restore-test.log"
     dr.play("restore_test.yml", clinic_backup_restore_test_log=str(log)).assert_ok()
     run = dr.play(

@@ -448,28 +448,9 @@ class FileRestoreOptions(ReadOptions):
     restore.RestoreOptions. The target directory is checked when the restore runs (it
     may appear or vanish meanwhile)."""
 
-    def __init__(
-        self,
-        target_dir,
-        mode="create",
-        set_id=None,
-        name=None,
-        passphrase_file=None,
-        preserve_owner=False,
-        fallback=True,
-        allow_unauthenticated=False,
-        allow_unencrypted=False,
-        old_passphrase_files=(),
-    ):
-        self._set_read_options(
-            mode,
-            set_id,
-            passphrase_file,
-            fallback,
-            allow_unauthenticated,
-            allow_unencrypted,
-            old_passphrase_files,
-        )
+    def __init__(self, target_dir, name=None, preserve_owner=False, **read_options):
+        """``read_options``: those of lifecycle.ReadOptions (mode, set_id, passphrase_file...)."""
+        self._set_read_options(**read_options)
         if name is not None:
             check_set_name(name)
         self.target_dir = target_dir

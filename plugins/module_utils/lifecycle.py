@@ -509,12 +509,12 @@ class ReadOptions(object):
 
     def _set_read_options(
         self,
-        mode,
-        set_id,
-        passphrase_file,
-        fallback,
-        allow_unauthenticated,
-        allow_unencrypted,
+        mode="create",
+        set_id=None,
+        passphrase_file=None,
+        fallback=True,
+        allow_unauthenticated=False,
+        allow_unencrypted=False,
         old_passphrase_files=(),
     ):
         if mode not in RESTORE_MODES:

@@ -105,13 +105,9 @@ class RestoreOptions(ReadOptions):
     def __init__(
         self,
         target_database=None,
-        mode="create",
-        set_id=None,
         database=None,
         require_verified=False,
         not_after=None,
-        fallback=True,
-        passphrase_file=None,
         jobs=1,
         include_globals=False,
         no_owner=False,
@@ -120,19 +116,11 @@ class RestoreOptions(ReadOptions):
         check_row_counts=True,
         pg_bin_dir=None,
         scratch_dir=None,
-        allow_unauthenticated=False,
-        allow_unencrypted=False,
-        old_passphrase_files=(),
+        **read_options,
     ):
-        self._set_read_options(
-            mode,
-            set_id,
-            passphrase_file,
-            fallback,
-            allow_unauthenticated,
-            allow_unencrypted,
-            old_passphrase_files,
-        )
+        """``read_options``: those of lifecycle.ReadOptions (mode, set_id, passphrase_file...)."""
+        self._set_read_options(**read_options)
+        mode = self.mode
         if mode == "rehearse" and target_database is None:
             target_database = "%s_restore_test" % (database or "clinic")[:40]
         self.target_database = check_database_name(target_database)

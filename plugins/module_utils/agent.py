@@ -191,6 +191,7 @@ CONFIG_KEYS = (
             "audit_log",
             "lock_wait",
             "create_repository",
+            "old_passphrase_files",
         )
     )
     | frozenset(FILE_OPTION_KEYS)
@@ -232,8 +233,8 @@ INT_KEYS = (
     "s3_concurrency",
     "s3_retries",
 )
-LIST_KEYS = ("tables", "exclude_tables", "s3_targets", "paths", "exclude")
-STRING_LIST_KEYS = ("tables", "exclude_tables", "paths", "exclude")
+LIST_KEYS = ("tables", "exclude_tables", "s3_targets", "paths", "exclude", "old_passphrase_files")
+STRING_LIST_KEYS = ("tables", "exclude_tables", "paths", "exclude", "old_passphrase_files")
 BOOL_KEYS = (
     "schema_only",
     "data_only",
@@ -435,6 +436,7 @@ def cmd_verify(config, args):
             set_id=args.set_id,
             database=config.get("database"),
             passphrase_file=config.get("passphrase_file"),
+            old_passphrase_files=config.get("old_passphrase_files") or (),
             deep=verify_options.get("deep", True),
             max_age_hours=verify_options.get("max_age_hours", 25.0),
             size_tolerance_percent=verify_options.get("size_tolerance_percent", 50.0),
@@ -463,7 +465,7 @@ def cmd_verify(config, args):
 
 def cmd_list(config, args):
     sets = []
-    key = RecordKey.from_file(config.get("passphrase_file"))
+    key = RecordKey.from_file(config.get("passphrase_file"), config.get("old_passphrase_files"))
     for repo in repositories(config, False):
         sets.extend(
             {k: v for k, v in e.items() if k != "manifest"}
@@ -479,7 +481,7 @@ def cmd_retention(config, args):
     policy = RetentionPolicy(**{RETENTION_KEYS[k]: v for k, v in keys.items()})
     repos = repositories(config, False)
     lock_paths = lock_paths_for(repos)
-    key = RecordKey.from_file(config.get("passphrase_file"))
+    key = RecordKey.from_file(config.get("passphrase_file"), config.get("old_passphrase_files"))
     results = [
         apply_retention(
             repo, policy, database=config.get("database"), lock_paths=lock_paths, key=key
@@ -516,6 +518,7 @@ def cmd_files_restore_test(config, args):
         set_id=args.set_id,
         name=config.get("name"),
         passphrase_file=config.get("passphrase_file"),
+        old_passphrase_files=config.get("old_passphrase_files") or (),
     )
     return restore_files(repositories(config, False)[0], options)
 
@@ -532,6 +535,7 @@ def cmd_restore_test(config, args):
         target_database=rehearsal.get("target_database"),
         require_verified=rehearsal.get("require_verified", False),
         passphrase_file=config.get("passphrase_file"),
+        old_passphrase_files=config.get("old_passphrase_files") or (),
         jobs=rehearsal.get("jobs", 1),
         scratch_dir=rehearsal.get("scratch_dir"),
         pg_bin_dir=config.get("pg_bin_dir"),
@@ -600,7 +604,7 @@ def status_group(path, args, now, thresholds, metrics_dir):
     """The status of one config (read-only: no lock, no audit record, no metrics)."""
     config = load_config(path)
     check_config(config)
-    key = RecordKey.from_file(config.get("passphrase_file"))
+    key = RecordKey.from_file(config.get("passphrase_file"), config.get("old_passphrase_files"))
     return gather_group(
         database_name(config),
         locations_of(config),

@@ -389,3 +389,48 @@ def test_after_a_rotation_old_and_new_sets_verify_and_restore(pg, tmp_path, pass
         verify_set(repo, old_set, passphrase_file=str(new_passphrase))
     # The catalog still verifies both afterwards (the records verify_set wrote are sealed).
     assert [e["verification"] for e in catalog.list_catalog(repo, key=key)] == ["ok", "ok"]
+
+
+def test_the_agent_takes_old_passphrase_files_from_its_config(
+    pg, tmp_path, passphrase_file, collections_path
+):
+    import json
+    import subprocess
+    import sys
+
+    from testbed.files import write_passphrase_file
+
+    from tests.integration.test_interrupted import AGENT, agent_config
+
+    new_passphrase = write_passphrase_file(tmp_path / "passphrase-2027")
+    repo = tmp_path / "repo"
+    env = dict(os.environ, PYTHONPATH=collections_path)
+
+    def agent(command, config, *extra):
+        proc = subprocess.run(
+            [sys.executable, "-m", AGENT, command, "--config", config, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        return proc.returncode, json.loads(proc.stdout or "{}")
+
+    before = agent_config(tmp_path, pg, pg.clinic_db, str(passphrase_file), repository=repo)
+    rc, old = agent("backup", before)
+    assert rc == 0, old
+    after = agent_config(
+        tmp_path,
+        pg,
+        pg.clinic_db,
+        str(new_passphrase),
+        repository=repo,
+        old_passphrase_files=[str(passphrase_file)],
+    )
+    rc, new = agent("backup", after)
+    assert rc == 0, new
+    rc, verified = agent("verify", after, "--set-id", old["set_id"])
+    assert rc == 0 and verified["ok"], verified
+    rc, listed = agent("list", after)
+    assert [s["authentication"] for s in listed["sets"]] == ["ok", "ok"]

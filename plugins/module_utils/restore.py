@@ -596,6 +596,10 @@ class DatabaseRestore(object):
         self.bin_dir = None
         self.work = None
 
+    def check_report(self, set_id):
+        """What check mode adds to its result about ``set_id`` (the kind's own plan)."""
+        return {}
+
     def prepare(self):
         """Check the server and the target before anything; returns whether it exists."""
         options, server = self.options, self.server
@@ -711,11 +715,12 @@ def _finalize(server, options, work_name, now):
 
 
 # ---------------------------------------------------------------------- entry point
-def run_restore(repo, connection, options, check_mode=False, now=None):
+def run_restore(repo, connection, options, check_mode=False, now=None, kind=None):
     """Restore (or rehearse restoring) a set; returns a result dict.
 
     ``connection``: the target server, connected to a maintenance database
-    (``postgres``) as a role that may create databases.
+    (``postgres``) as a role that may create databases. ``kind``: the DatabaseRestore
+    class that runs each attempt (table_restore.TableRestore for chosen tables).
     """
     now = now or utc_now()
     clock = time.time()
@@ -723,10 +728,10 @@ def run_restore(repo, connection, options, check_mode=False, now=None):
         to_try, passed = candidates(repo, options, session)
         server = Server(connection)
         try:
-            run = DatabaseRestore(repo, server, connection, options, session, now)
+            run = (kind or DatabaseRestore)(repo, server, connection, options, session, now)
             target_exists = run.prepare()
             if check_mode:
-                return {
+                report = {
                     "changed": options.mode != "rehearse",
                     "check_mode": True,
                     "set_id": to_try[0],
@@ -736,6 +741,8 @@ def run_restore(repo, connection, options, check_mode=False, now=None):
                     "target_exists": target_exists,
                     "mode": options.mode,
                 }
+                report.update(run.check_report(to_try[0]))
+                return report
             result, damaged = try_newest_first(
                 to_try, run.attempt, options.fallback, repr(options.target_database)
             )

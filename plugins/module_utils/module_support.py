@@ -164,6 +164,9 @@ AUDIT_FIELDS = (
     "mode",
     "deleted",
     "error_type",
+    # Evidence of a restore test (measured RTO, age of the data) and of a backup's run time.
+    "duration_seconds",
+    "rpo_seconds",
 )
 
 

@@ -38,7 +38,7 @@ import tempfile
 import time
 import traceback
 
-from .audit import AuditLog
+from .audit import AuditLog, verify_chain
 from .authentication import RecordKey
 from .backup import BackupOptions, run_backup
 from .catalog import list_catalog
@@ -546,7 +546,31 @@ def cmd_restore_test(config, args):
     return run_restore(repositories(config, False)[0], connection, options)
 
 
+def cmd_audit_verify(config, args):
+    """Check the hash chain of the config's audit log (read-only: no record appended)."""
+    path = config.get("audit_log")
+    if not path:
+        raise ConfigError(
+            "the config names no audit_log", "set audit_log to the log the jobs append to"
+        )
+    intact, first_bad = verify_chain(path)
+    with open(path, "rb") as handle:
+        lines = sum(1 for _line in handle)
+    result = {"audit_log": path, "lines": lines, "intact": intact, "first_bad_line": first_bad}
+    if not intact:
+        error = BackupError(
+            "audit log %s is not intact from line %d on: a line was edited, deleted or "
+            "inserted" % (path, first_bad),
+            "keep the log as evidence, compare it with its off-host copy, and find out who "
+            "could write to it",
+        )
+        error.result = result
+        raise error
+    return result
+
+
 COMMANDS = {
+    "audit-verify": cmd_audit_verify,
     "backup": cmd_backup,
     "verify": cmd_verify,
     "list": cmd_list,

@@ -174,3 +174,25 @@ def test_agent_backs_up_and_rehearses_a_file_group(collections_path, passphrase_
         ("backup", "ok"),
         ("restore_test", "ok"),
     ]
+
+
+def test_audit_verify_checks_the_chain_and_names_the_first_edited_line(
+    collections_path, pg, passphrase_file, repo_dir, tmp_path
+):
+    audit = tmp_path / "audit" / "audit.log"
+    config = agent_config(
+        tmp_path, pg, pg.clinic_db, passphrase_file, repository=str(repo_dir), audit_log=str(audit)
+    )
+    for _run in range(2):
+        assert faultlib.run_agent(collections_path, config).rc == 0
+    before = audit.read_bytes()
+    intact = faultlib.run_agent(collections_path, config, command="audit-verify")
+    assert intact.rc == 0 and intact.doc["intact"] is True and intact.doc["lines"] == 2
+    assert audit.read_bytes() == before  # a check appends nothing
+    lines = before.decode().splitlines()
+    assert '"ok"' in lines[0]
+    lines[0] = lines[0].replace('"ok"', '"failed"', 1)  # an edited outcome
+    audit.write_text("\n".join(lines) + "\n")
+    broken = faultlib.run_agent(collections_path, config, command="audit-verify")
+    assert broken.rc == 1 and broken.doc["first_bad_line"] == 1
+    assert "not intact from line 1" in broken.msg

@@ -68,6 +68,7 @@ def main() -> int:
         demo_vars = {
             "clinic_backup_repository": str(repository),
             "clinic_backup_passphrase_file": str(passphrase()),
+            "clinic_backup_audit_log": str(DEMO / "audit.log"),
         }
         url = os.environ.get("DATABASE_URL")
         if url:

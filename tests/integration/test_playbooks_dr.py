@@ -116,11 +116,22 @@ def dr(pg, s3, collections_path, tmp_path_factory) -> DR:
         ],
         # Restores: the superuser, trusted over loopback in the test bed (no password).
         "clinic_backup_restore_login_user": pg.superuser,
+        "clinic_backup_audit_log": str(work / "audit" / "audit.log"),
     }
     env = ansible_env(collections_path, s3.env())
     dr = DR(env=env, base_vars=base_vars, work=work, set_id="")
     run = dr.play("backup.yml").assert_ok()
     dr.set_id = run.result("Take an encrypted backup set")["set_id"]
+    # Evidence by default: the backup and the verification of each copy are on record.
+    records = [
+        json.loads(line)
+        for line in Path(base_vars["clinic_backup_audit_log"]).read_text().splitlines()
+    ]
+    assert [(r["action"], r["outcome"]) for r in records] == [
+        ("backup", "ok"),
+        ("verify", "ok"),
+        ("verify", "ok"),
+    ]
     return dr
 
 

@@ -382,6 +382,7 @@ def playbook(setup, live, ansible_env_vars, check=False, **overrides):
         "clinic_backup_passphrase_file": setup.passphrase_file,
         "clinic_backup_repository": setup.repo,
         "clinic_backup_restore_login_user": setup.pg.superuser,
+        "clinic_backup_audit_log": str(Path(setup.repo).parent / "audit.log"),
     }
     extra.update(overrides)
     return run_playbook(

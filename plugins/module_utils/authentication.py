@@ -39,7 +39,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 KEY_LABEL = b"clinic.backup record key v1"
 KEY_ID_LABEL = b"clinic.backup key id v1"
-PURPOSES = ("manifest", "verification", "pointer")
+PURPOSES = ("manifest", "verification", "pointer", "restore_test")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

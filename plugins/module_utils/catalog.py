@@ -16,7 +16,14 @@ __metaclass__ = type
 
 from . import authentication
 from .errors import ConfigError, IntegrityError, StoreError
-from .repository import MANIFEST, VERIFICATION, check_file_name, load_json, parse_time
+from .repository import (
+    MANIFEST,
+    RESTORE_TEST,
+    VERIFICATION,
+    check_file_name,
+    load_json,
+    parse_time,
+)
 
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = (
@@ -235,6 +242,29 @@ def load_verification(repo, set_id, manifest=None, key=None):
     return record
 
 
+def load_restore_test(repo, set_id, manifest=None, key=None):
+    """The last successful restore test of a set (its measured RTO and RPO), or None.
+
+    Trusted as a verification record is: with ``key`` only when sealed, bound to this set
+    and manifest; anything else is ignored (a test is only evidence if it is ours)."""
+    try:
+        raw = repo.read_file(set_id, RESTORE_TEST)
+        record = load_json(raw) if raw is not None else None
+    except (StoreError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("tested_at"), str):
+        return None
+    if key is None:
+        return record
+    if authentication.check(record, key, "restore_test")[0] != authentication.AUTHENTICATED:
+        return None
+    if record.get("set_id") != set_id or record.get("manifest_mac") != (
+        authentication.record_mac(manifest) if manifest is not None else None
+    ):
+        return None
+    return record
+
+
 def catalog_entry(repo, set_id, key=None):
     try:
         manifest = load_manifest(repo, set_id, key)
@@ -273,6 +303,11 @@ def catalog_entry(repo, set_id, key=None):
     }
     if verification and verification.get("detail"):
         entry["verification_detail"] = verification["detail"]
+    restore_test = load_restore_test(repo, set_id, manifest, key)
+    entry["restore_tested_at"] = restore_test.get("tested_at") if restore_test else None
+    if restore_test:
+        entry["restore_test_rto_seconds"] = restore_test.get("rto_seconds")
+        entry["restore_test_rpo_seconds"] = restore_test.get("rpo_seconds")
     return entry
 
 

@@ -42,6 +42,9 @@ SUMMARY_FIELDS = (
     "verification",
     "verification_detail",
     "verified_at",
+    "restore_tested_at",
+    "restore_test_rto_seconds",
+    "restore_test_rpo_seconds",
 )
 # Length of the "20261122T010000Z-" prefix and the "-1a2b3c" suffix of a set id.
 _ID_TIME_PREFIX = 17

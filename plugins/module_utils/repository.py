@@ -6,6 +6,7 @@
     <root>/sets/<set_id>/<artifact files>
     <root>/sets/<set_id>/manifest.json       written last: no manifest, no set
     <root>/sets/<set_id>/verification.json   latest verify result (optional)
+    <root>/sets/<set_id>/restore_test.json   latest successful restore test (optional)
     <root>/latest/<database>.json            pointer to the newest complete set
     <root>/.staging/<set_id>/                local only: a set being written
 
@@ -35,6 +36,7 @@ from .errors import ConfigError, StoreError
 
 MANIFEST = "manifest.json"
 VERIFICATION = "verification.json"
+RESTORE_TEST = "restore_test.json"
 SETS = "sets"
 LATEST = "latest"
 STAGING = ".staging"
@@ -420,7 +422,11 @@ class LocalRepository(object):
         return []
 
     def write_verification(self, set_id, data):
-        atomic_write(self.location(set_id, VERIFICATION), dump_json(data))
+        self.write_record(set_id, VERIFICATION, data)
+
+    def write_record(self, set_id, name, data):
+        """A (sealed) record next to a set: its verification, its last restore test."""
+        atomic_write(self.location(set_id, name), dump_json(data))
 
     def begin(self, set_id):
         self.ensure_layout()
@@ -633,12 +639,12 @@ class S3Repository(object):
         ]
 
     def write_verification(self, set_id, data):
+        self.write_record(set_id, VERIFICATION, data)
+
+    def write_record(self, set_id, name, data):
+        """A (sealed) record next to a set: its verification, its last restore test."""
         s3util.put_bytes(
-            self.client,
-            self.bucket,
-            self.key(set_id, VERIFICATION),
-            dump_json(data),
-            self.record_args,
+            self.client, self.bucket, self.key(set_id, name), dump_json(data), self.record_args
         )
 
     def begin(self, set_id):

@@ -35,9 +35,9 @@ import tarfile
 import tempfile
 import time
 
-from . import pipeline, sqlguard
+from . import authentication, pipeline, sqlguard
 from .catalog import load_manifest
-from .errors import ConfigError, IntegrityError, SourceError, StoreError
+from .errors import BackupError, ConfigError, IntegrityError, SourceError, StoreError
 from .lifecycle import (
     RESTORE_MODES,
     ReadOptions,
@@ -49,7 +49,7 @@ from .lifecycle import (
     try_newest_first,
 )
 from .pgsource import find_pg_bin_dir
-from .repository import isoformat, parse_time, utc_now
+from .repository import RESTORE_TEST, isoformat, parse_time, utc_now
 from .tarsafety import unsafe_member
 from .verify import FAIL, verify_artifact
 
@@ -758,7 +758,36 @@ def run_restore(repo, connection, options, check_mode=False, now=None, kind=None
             "restored_at": isoformat(now),
         }
     )
+    if options.mode == "rehearse":
+        warning = record_restore_test(repo, session.key, result)
+        if warning:
+            result.setdefault("warnings", []).append(warning)
     return result
+
+
+def record_restore_test(repo, key, result):
+    """Seal the outcome of a successful rehearsal next to its set, whichever path ran it
+    (playbook or cron): the catalog then shows the set as restore-tested with its
+    measured RTO and RPO. Returns a warning when it cannot be recorded."""
+    if key is None:
+        return "the restore test was not recorded next to the set: no passphrase_file to seal it"
+    try:
+        manifest = load_manifest(repo, result["set_id"], key)
+        record = {
+            "set_id": result["set_id"],
+            "manifest_mac": authentication.record_mac(manifest),
+            "state": "ok",
+            "tested_at": result["restored_at"],
+            "rto_seconds": result["duration_seconds"],
+            "rpo_seconds": result.get("rpo_seconds"),
+        }
+        key.adopt_salt(manifest, "manifest")
+        repo.write_record(
+            result["set_id"], RESTORE_TEST, authentication.seal(record, key, "restore_test")
+        )
+    except (BackupError, OSError) as exc:
+        return "the restore test was not recorded next to the set: %s" % exc
+    return None
 
 
 def drop_quietly(server, name):

@@ -177,6 +177,17 @@ sets:
     verification_detail:
       description: Why a verification record was not trusted, when it was not.
       type: str
+    restore_tested_at:
+      description:
+        - UTC time of the last successful restore test (rehearsal) of this set, from the sealed record the
+          rehearsal left next to it (playbook or cron), or null.
+      type: str
+    restore_test_rto_seconds:
+      description: Measured duration of that restore test (the RTO it showed).
+      type: float
+    restore_test_rpo_seconds:
+      description: Age of the data that restore test brought back (the RPO it showed).
+      type: float
     verified_at:
       description: UTC time of the last verification, or null.
       type: str

@@ -434,3 +434,30 @@ def test_the_agent_takes_old_passphrase_files_from_its_config(
     assert rc == 0 and verified["ok"], verified
     rc, listed = agent("list", after)
     assert [s["authentication"] for s in listed["sets"]] == ["ok", "ok"]
+
+
+# ---------------------------------------------------------------------- restore-tested sets
+def test_a_rehearsal_marks_its_set_restore_tested_and_a_copied_record_counts_for_nothing(
+    pg, tmp_path, passphrase_file
+):
+    import shutil
+
+    repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
+    older = take(pg, repo, pg.clinic_db, passphrase_file, row_counts=False)["set_id"]
+    newer = take(pg, repo, pg.clinic_db, passphrase_file, row_counts=False)["set_id"]
+    key = RecordKey.from_file(str(passphrase_file))
+    assert catalog.list_catalog(repo, key=key)[0]["restore_tested_at"] is None
+    result = run_restore(
+        repo,
+        connection(pg, "postgres"),
+        RestoreOptions(mode="rehearse", set_id=newer, passphrase_file=str(passphrase_file)),
+    )
+    entries = {e["id"]: e for e in catalog.list_catalog(repo, key=key)}
+    assert entries[newer]["restore_tested_at"] == result["restored_at"]
+    assert entries[newer]["restore_test_rto_seconds"] == result["duration_seconds"]
+    assert entries[newer]["restore_test_rpo_seconds"] == result["rpo_seconds"]
+    # A writer copies the record next to the older set: it names another set, so it is no
+    # evidence that the older set restores.
+    sets = tmp_path / "repo" / "sets"
+    shutil.copy(sets / newer / "restore_test.json", sets / older / "restore_test.json")
+    assert catalog.catalog_entry(repo, older, key)["restore_tested_at"] is None

@@ -174,6 +174,24 @@ def seal(record, key, purpose):
     return body
 
 
+def seal_for_set(data, key, purpose, set_id, manifest):
+    """``data`` bound to one set and its manifest (its id and the manifest's MAC), sealed:
+    what a verification record or a restore-test record is. Sealed with the salt the
+    manifest uses, so that a catalog derives one key per set, not one per record."""
+    bound = dict(data, set_id=set_id, manifest_mac=record_mac(manifest) if manifest else None)
+    if key is not None and manifest:
+        key.adopt_salt(manifest, "manifest")
+    return seal(bound, key, purpose)
+
+
+def bound_to_set(record, set_id, manifest):
+    """Whether a record (see seal_for_set) names this set and this very manifest: one
+    copied from another set, or from before the manifest changed, is not."""
+    return record.get("set_id") == set_id and record.get("manifest_mac") == (
+        record_mac(manifest) if manifest is not None else None
+    )
+
+
 def record_mac(record):
     """The MAC a sealed record carries (what later records bind to), or None."""
     block = record.get(FIELD) if isinstance(record, dict) else None

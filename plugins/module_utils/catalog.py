@@ -232,9 +232,7 @@ def load_verification(repo, set_id, manifest=None, key=None):
             "detail": "verification record is not authenticated (written before records "
             "were sealed, or planted): verify the set again",
         }
-    if record.get("set_id") != set_id or record.get("manifest_mac") != (
-        authentication.record_mac(manifest) if manifest is not None else None
-    ):
+    if not authentication.bound_to_set(record, set_id, manifest):
         return {
             "state": "forged",
             "detail": "verification record belongs to another set or manifest",
@@ -258,9 +256,7 @@ def load_restore_test(repo, set_id, manifest=None, key=None):
         return record
     if authentication.check(record, key, "restore_test")[0] != authentication.AUTHENTICATED:
         return None
-    if record.get("set_id") != set_id or record.get("manifest_mac") != (
-        authentication.record_mac(manifest) if manifest is not None else None
-    ):
+    if not authentication.bound_to_set(record, set_id, manifest):
         return None
     return record
 

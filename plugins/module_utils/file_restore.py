@@ -46,7 +46,6 @@ from .lifecycle import (
 from .repository import fsync_dir, isoformat, parse_time, utc_now
 from .tarsafety import unsafe_member
 
-MODES = RESTORE_MODES
 WORK_MARK = ".restoring-"
 PREVIOUS_MARK = ".pre-restore-"
 CHUNK = pipeline.CHUNK_SIZE
@@ -369,7 +368,7 @@ def remove_tree(path):
 
 # ---------------------------------------------------------------------- restore
 def check_target_dir(target_dir, mode):
-    if mode not in MODES:
+    if mode not in RESTORE_MODES:
         raise ConfigError("unknown restore mode %r" % (mode,), "choose create, replace or rehearse")
     if not isinstance(target_dir, str) or not target_dir or not os.path.isabs(target_dir):
         raise ConfigError(

@@ -39,7 +39,6 @@ from . import authentication, pipeline, sqlguard
 from .catalog import load_manifest
 from .errors import BackupError, ConfigError, IntegrityError, SourceError, StoreError
 from .lifecycle import (
-    RESTORE_MODES,
     ReadOptions,
     ReadSession,
     check_readable_now,
@@ -53,7 +52,6 @@ from .repository import RESTORE_TEST, isoformat, parse_time, utc_now
 from .tarsafety import unsafe_member
 from .verify import FAIL, verify_artifact
 
-MODES = RESTORE_MODES
 WORK_SUFFIX = "__restoring_"
 PREVIOUS_SUFFIX = "__pre_restore_"
 NAME_LIMIT = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names silently
@@ -772,18 +770,18 @@ def record_restore_test(repo, key, result):
     if key is None:
         return "the restore test was not recorded next to the set: no passphrase_file to seal it"
     try:
-        manifest = load_manifest(repo, result["set_id"], key)
+        set_id = result["set_id"]
         record = {
-            "set_id": result["set_id"],
-            "manifest_mac": authentication.record_mac(manifest),
             "state": "ok",
             "tested_at": result["restored_at"],
             "rto_seconds": result["duration_seconds"],
             "rpo_seconds": result.get("rpo_seconds"),
         }
-        key.adopt_salt(manifest, "manifest")
+        manifest = load_manifest(repo, set_id, key)
         repo.write_record(
-            result["set_id"], RESTORE_TEST, authentication.seal(record, key, "restore_test")
+            set_id,
+            RESTORE_TEST,
+            authentication.seal_for_set(record, key, "restore_test", set_id, manifest),
         )
     except (BackupError, OSError) as exc:
         return "the restore test was not recorded next to the set: %s" % exc

@@ -460,12 +460,12 @@ def _finish(repo, set_id, checks, record, now, manifest=None, key=None):
             "the result was not recorded: without passphrase_file it cannot be sealed"
         ]
     if record:
-        if key is not None and manifest:
-            key.adopt_salt(manifest, "manifest")  # one salt per set: one key derivation
         data = {k: outcome[k] for k in ("state", "verified_at", "checks")}
-        data.update({"set_id": set_id, "manifest_mac": manifest_mac})
         try:
-            repo.write_verification(set_id, authentication.seal(data, key, "verification"))
+            repo.write_verification(
+                set_id,
+                authentication.seal_for_set(data, key, "verification", set_id, manifest),
+            )
         except (BackupError, OSError) as exc:
             outcome["warnings"] = ["could not record the verification result: %s" % exc]
     return outcome

@@ -28,12 +28,22 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import sys
+
+if __name__ == "__main__" and sys.argv[1:2] in (["wal-push"], ["wal-fetch"]):
+    # PostgreSQL runs these once per WAL file: answer from the spool without importing
+    # the engine (~0.2 s per call); None means the engine must handle the call.
+    from .walspool import fast_main
+
+    _FAST_EXIT = fast_main(sys.argv[1:])
+    if _FAST_EXIT is not None:
+        raise SystemExit(_FAST_EXIT)
+
 import argparse
 import json
 import os
 import signal
 import stat
-import sys
 import tempfile
 import time
 import traceback
@@ -45,7 +55,7 @@ from .catalog import list_catalog
 from .errors import BackupError, ConfigError, LockedError
 from .file_backup import FileBackupOptions, run_file_backup
 from .file_restore import FileRestoreOptions, restore_files
-from .metrics import write_job_metrics, write_skipped_metrics
+from .metrics import write_job_metrics, write_skipped_metrics, write_wal_metrics
 from .module_support import (
     AWS_CREDENTIAL_ARGS,
     CONNECTION_ARGS,
@@ -73,8 +83,21 @@ from .status import (
 )
 from .status_facts import gather_group, locations_of
 from .verify import verify_set
+from .wal import (
+    WalNotArchived,
+    check_cluster,
+    fetch_wal,
+    push_wal,
+    read_archiver,
+    session_for,
+    wal_status,
+)
+from .walspool import start_prefetch
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
+# wal-fetch: a file that exists but cannot be trusted (or read). Above 125, so that
+# PostgreSQL aborts recovery rather than take it for "not archived" and promote early.
+EXIT_WAL_REFUSED = 126
 
 BACKUP_OPTION_KEYS = (
     "format",
@@ -192,6 +215,8 @@ CONFIG_KEYS = (
             "lock_wait",
             "create_repository",
             "old_passphrase_files",
+            "cluster",
+            "wal",
         )
     )
     | frozenset(FILE_OPTION_KEYS)
@@ -247,12 +272,21 @@ STRING_KEYS = tuple(
     sorted(
         CONFIG_KEYS
         - frozenset(INT_KEYS + LIST_KEYS + BOOL_KEYS)
-        - frozenset(("verify", "restore_test", "retention", "lock_wait"))
+        - frozenset(("verify", "restore_test", "retention", "lock_wait", "wal"))
     )
 )
 # Keys of "verify" (verify_set's options) and their kinds.
 VERIFY_KEYS = {"deep": "boolean", "max_age_hours": "number", "size_tolerance_percent": "number"}
 RESTORE_TEST_KINDS = {"jobs": "integer", "login_port": "integer", "require_verified": "boolean"}
+# Keys of "wal" (WAL archiving: wal-push / wal-fetch) and their kinds.
+WAL_KEYS = {
+    "spool_dir": "string",
+    "workers": "integer",
+    "compression_level": "integer",
+    "fetch_prefetch": "integer",
+    "push_timeout": "number",
+    "async": "boolean",
+}
 
 
 def _kind_ok(value, kind):
@@ -336,6 +370,17 @@ def check_config(config):
     _check_unknown("retention", policy or {}, RETENTION_KEYS)
     for key in policy or {}:
         _check_kind("retention.%s" % key, policy[key], "integer")
+    wal_options = config.get("wal")
+    _check_kind("wal", wal_options, "object")
+    _check_unknown("wal", wal_options or {}, WAL_KEYS)
+    for key, kind in WAL_KEYS.items():
+        _check_kind("wal.%s" % key, (wal_options or {}).get(key), kind)
+    for key in ("workers", "fetch_prefetch"):
+        value = (wal_options or {}).get(key)
+        if value is not None and not 0 <= value <= 64:
+            raise ConfigError("wal.%s must be between 0 and 64 (got %d)" % (key, value))
+    if config.get("cluster") is not None:
+        check_cluster(config["cluster"])
     rehearsal = config.get("restore_test")
     _check_kind("restore_test", rehearsal, "object")
     _check_unknown("restore_test", rehearsal or {}, RESTORE_TEST_KEYS)
@@ -569,6 +614,65 @@ def cmd_audit_verify(config, args):
     return result
 
 
+def cmd_wal_push(config, args):
+    """archive_command (``wal-push --config FILE %p``) handled by the engine itself: the
+    file is stored in every repository before this returns (the spool's fast path and
+    its background workers, walspool.py, answer most calls without coming here)."""
+    if not args.wal_path:
+        raise ConfigError(
+            "wal-push needs the WAL file's path", "archive_command: ... wal-push --config FILE %p"
+        )
+    with session_for(config) as session:
+        return push_wal(repositories(config, True), session.cluster, args.wal_path, session)
+
+
+def cmd_wal_fetch(config, args):
+    """restore_command (``wal-fetch --config FILE %f %p``): exit 1 with nothing written
+    when the file is not archived; a damaged or forged file (or an unreadable repository)
+    exits 126, which makes PostgreSQL stop recovery instead of ending it early."""
+    if not args.wal_path or not args.wal_dest:
+        raise ConfigError(
+            "wal-fetch needs the file name and the destination",
+            "restore_command: ... wal-fetch --config FILE %f %p",
+        )
+    try:
+        start_prefetch(args.config, config, args.wal_path)
+    except OSError as exc:
+        sys.stderr.write("WAL prefetch not started: %s\n" % exc)
+    with session_for(config) as session:
+        record = fetch_wal(
+            repositories(config, False), session.cluster, args.wal_path, args.wal_dest, session
+        )
+    return {"name": args.wal_path, "size": record["size"]}
+
+
+def cmd_wal_status(config, args):
+    """The archiver's state for monitoring: pg_stat_archiver (when the config can
+    connect) and each repository's newest segment; --metrics-dir writes them."""
+    with session_for(config) as session:
+        key, cluster = session.key, session.cluster
+    archiver, problems = None, []
+    if config.get("database") or config.get("database_url"):
+        try:
+            archiver = read_archiver(connection_from_params(config))
+        except BackupError as exc:
+            problems.append("pg_stat_archiver could not be read: %s" % exc)
+    repos = []
+    for repo in repositories(config, False):
+        try:
+            repos.append(wal_status(repo, cluster, key))
+        except BackupError as exc:
+            problems.append("%s: %s" % (repo.url, exc))
+    result = {"cluster": cluster, "archiver": archiver, "repositories": repos, "problems": problems}
+    if args.metrics_dir:
+        write_wal_metrics(args.metrics_dir, cluster, archiver, repos)
+    if problems:
+        error = BackupError("WAL status incomplete: %s" % "; ".join(problems))
+        error.result = result
+        raise error
+    return result
+
+
 COMMANDS = {
     "audit-verify": cmd_audit_verify,
     "backup": cmd_backup,
@@ -578,7 +682,12 @@ COMMANDS = {
     "retention": cmd_retention,
     "files-backup": cmd_files_backup,
     "files-restore-test": cmd_files_restore_test,
+    "wal-push": cmd_wal_push,
+    "wal-fetch": cmd_wal_fetch,
+    "wal-status": cmd_wal_status,
 }
+# PostgreSQL runs these per WAL file: quiet on success, one line on stderr otherwise.
+QUIET_COMMANDS = ("wal-push", "wal-fetch")
 # What each command's metrics file is called (job label) and its audit action.
 METRIC_JOBS = {
     "backup": "backup",
@@ -745,6 +854,10 @@ def main(argv=None):
     parser.add_argument(
         "--config-dir", help="status: every *.json config in this directory (/etc/clinic-backup)"
     )
+    parser.add_argument(
+        "wal_path", nargs="?", help="wal-push: the WAL file (%%p); wal-fetch: its name (%%f)"
+    )
+    parser.add_argument("wal_dest", nargs="?", help="wal-fetch: where to write it (%%p)")
     parser.add_argument("--set-id", help="set to verify or rehearse (default: the newest)")
     parser.add_argument("--metrics-dir", help="write Prometheus textfile metrics here")
     parser.add_argument(
@@ -785,7 +898,14 @@ def main(argv=None):
         metavar="FILE",
         help="also read playbooks/restore_test.yml's log (clinic_backup_restore_test_log)",
     )
-    args = parser.parse_args(argv)
+    try:
+        # Intermixed: "wal-push --config FILE %p" puts the positional after the option.
+        args = parser.parse_intermixed_args(argv)
+    except SystemExit as exc:
+        given = sys.argv[1:] if argv is None else argv
+        if exc.code == EXIT_CONFIG and given[:1] == ["wal-fetch"]:
+            return EXIT_WAL_REFUSED  # a broken restore_command must stop recovery
+        raise
     if args.command == "status":
         return run_status(args)
     if args.config_dir or not args.config or len(args.config) != 1:
@@ -863,6 +983,19 @@ def main(argv=None):
             else:
                 result.setdefault("msg", problem)
     result["ok"] = code == EXIT_OK
+    if (
+        args.command == "wal-fetch"
+        and code != EXIT_OK
+        and result.get("error_type") != WalNotArchived.__name__
+    ):
+        # Anything but "not archived" must stop recovery, never end it early.
+        code = EXIT_WAL_REFUSED
+    if args.command in QUIET_COMMANDS:
+        if code != EXIT_OK:
+            sys.stderr.write(
+                "clinic-backup %s: %s\n" % (args.command, " ".join(str(result.get("msg")).split()))
+            )
+        return code
     try:
         json.dump(result, sys.stdout, indent=2, sort_keys=True, default=str)
         sys.stdout.write("\n")

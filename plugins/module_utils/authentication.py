@@ -15,7 +15,9 @@ being a cheaper oracle for guessing the passphrase than the gpg artifacts are.
 A manifest binds the set id, database (file-group name) and kind, timestamps,
 options, row counts and every artifact's name, file, size and sha256: everything
 in it.  A verification record binds its set id and the MAC of the manifest it
-checked; a pointer binds the database, the set id and that manifest's MAC.
+checked; a pointer binds the database, the set id and that manifest's MAC. A WAL
+record (purpose "wal") binds a cluster's archived WAL file: its name, sizes, both
+sha256 sums and the data key it was encrypted with.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -39,7 +41,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 KEY_LABEL = b"clinic.backup record key v1"
 KEY_ID_LABEL = b"clinic.backup key id v1"
-PURPOSES = ("manifest", "verification", "pointer", "restore_test")
+PURPOSES = ("manifest", "verification", "pointer", "restore_test", "wal")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -25,7 +25,7 @@ import os
 import time
 
 from .errors import StoreError
-from .repository import atomic_write, safe_name
+from .repository import atomic_write, parse_time, safe_name
 
 
 def _escape(value):
@@ -156,3 +156,96 @@ def write_skipped_metrics(directory, job, database, now=None):
         ),
     ]
     return _write(directory, path, rows, labels)
+
+
+def write_wal_metrics(directory, cluster, archiver, repositories, now=None):
+    """Write ``clinic_backup_wal.<cluster>.prom`` (``wal-status``): pg_stat_archiver's
+    view (``archiver``: a dict from wal.read_archiver, or None when the server was not
+    read) and each repository's newest archived segment (wal.wal_status dicts). The
+    alerts ClinicWalArchiveStalled / ClinicWalArchiveFailing use them."""
+    now = time.time() if now is None else now
+    path = metrics_path(directory, "wal", cluster)
+    base = 'cluster="%s",operation="wal"' % _escape(cluster)
+    rows = [
+        (
+            "clinic_backup_wal_status_timestamp_seconds",
+            "gauge",
+            "Unix time wal-status last looked at the archiver",
+            base,
+            now,
+        )
+    ]
+    if archiver:
+        for name, help_text, value in (
+            ("archived_count", "Files PostgreSQL archived since its stats reset", "archived_count"),
+            ("failed_count", "Failed archive_command runs since the stats reset", "failed_count"),
+            (
+                "last_archived_timestamp_seconds",
+                "Unix time PostgreSQL last archived a file",
+                "last_archived_time",
+            ),
+            (
+                "last_failed_timestamp_seconds",
+                "Unix time an archive_command run last failed",
+                "last_failed_time",
+            ),
+            ("pending_segments", "WAL files waiting to be archived (.ready)", "pending"),
+        ):
+            if archiver.get(value) is not None:
+                kind = "counter" if name.endswith("_count") else "gauge"
+                rows.append(("clinic_backup_wal_" + name, kind, help_text, base, archiver[value]))
+        if archiver.get("last_archived_time") is not None:
+            rows.append(
+                (
+                    "clinic_backup_wal_last_archived_age_seconds",
+                    "gauge",
+                    "Seconds since PostgreSQL last archived a file",
+                    base,
+                    max(0.0, (archiver.get("server_time") or now) - archiver["last_archived_time"]),
+                )
+            )
+    for repo in repositories:
+        labels = '%s,repository="%s"' % (base, _escape(repo.get("repository")))
+        rows.append(
+            (
+                "clinic_backup_wal_repository_files",
+                "gauge",
+                "Archived WAL files in the repository",
+                labels,
+                repo.get("count") or 0,
+            )
+        )
+        rows.append(
+            (
+                "clinic_backup_wal_repository_bytes",
+                "gauge",
+                "Stored bytes of the WAL archive in the repository",
+                labels,
+                repo.get("bytes") or 0,
+            )
+        )
+        newest = repo.get("newest_archived_at")
+        if newest:
+            rows.append(
+                (
+                    "clinic_backup_wal_repository_newest_timestamp_seconds",
+                    "gauge",
+                    "Unix time the repository's newest segment was archived",
+                    labels,
+                    parse_time(newest).timestamp(),
+                )
+            )
+    lines, seen = [], set()
+    # The text format wants every sample of a metric together.
+    for name, kind, help_text, labels, value in sorted(rows, key=lambda row: row[0]):
+        if name not in seen:
+            lines.append("# HELP %s %s" % (name, help_text))
+            lines.append("# TYPE %s %s" % (name, kind))
+            seen.add(name)
+        lines.append("%s{%s} %s" % (name, labels, repr(float(value))))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"), mode=0o644)
+    except OSError as exc:
+        raise StoreError("cannot write metrics file %s: %s" % (path, exc.strerror or exc)) from exc
+    return path

@@ -138,6 +138,18 @@ def check_file_name(name):
     return name
 
 
+def check_object_path(path):
+    """A repository path outside sets/ (the WAL archive: wal/<cluster>/...): each part a
+    plain file name, never '..', never absolute, never a dot file (temp files)."""
+    parts = path.split("/") if isinstance(path, str) else []
+    if not parts or any(not FILE_NAME_RE.fullmatch(part) or ".." in part for part in parts):
+        raise StoreError(
+            "refusing repository path %r" % (path,),
+            "a stored record may be tampered with: it names a path outside the archive",
+        )
+    return path
+
+
 def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -447,6 +459,85 @@ class LocalRepository(object):
     def read_latest(self, database, key=None):
         return _pointer_set_id(self.read_latest_record(database), key)
 
+    # Objects outside sets/ (the WAL archive): written in place, one atomic rename each.
+    def object_location(self, path):
+        return os.path.join(self.path, *check_object_path(path).split("/"))
+
+    def write_object(self, path, data):
+        """Store ``data`` at ``path`` durably (temp + fsync + rename + directory fsync)."""
+        target = self.object_location(path)
+        self._refuse_world_writable()
+        try:
+            make_private_dirs(os.path.dirname(target), "repository directory")
+            atomic_write(target, data)
+        except OSError as exc:
+            raise _store_error("write", target, exc) from exc
+
+    def read_object(self, path):
+        """The bytes at ``path``, or None when there is no such object."""
+        target = self.object_location(path)
+        try:
+            with _open_regular(target) as handle:
+                return handle.read()
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise _store_error("read", target, exc) from exc
+
+    def list_objects(self, prefix):
+        """{path: size} of every object under ``prefix`` (recursively; temp files of
+        interrupted writes are not objects)."""
+        root = self.object_location(prefix)
+        found = {}
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = os.path.relpath(folder, self.path).replace(os.sep, "/")
+            for name in files:
+                if name.startswith("."):
+                    continue
+                try:
+                    info = os.lstat(os.path.join(folder, name))
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    found[rel + "/" + name] = info.st_size
+        return found
+
+    def delete_objects(self, paths):
+        """Delete objects in the order given (records before their data)."""
+        folders = set()
+        for path in paths:
+            target = self.object_location(path)
+            try:
+                os.unlink(target)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _store_error("delete", target, exc) from exc
+            folders.add(os.path.dirname(target))
+        for folder in folders:
+            try:
+                fsync_dir(folder)
+            except OSError:
+                pass
+
+    def remove_stale_temp_objects(self, prefix, older_than_seconds=3600):
+        """Temp files of killed writes under ``prefix``; returns their paths."""
+        root = self.object_location(prefix)
+        removed = []
+        now = time.time()
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                if name.startswith(".") and ".tmp-" in name:
+                    path = os.path.join(folder, name)
+                    try:
+                        if now - os.lstat(path).st_mtime >= older_than_seconds:
+                            os.unlink(path)
+                            removed.append(path)
+                    except OSError:
+                        pass
+        return removed
+
     def cleanup_incomplete(self, keep=(), older_than_seconds=0):
         """Remove staging leftovers of killed runs. The caller holds the repository lock."""
         root = os.path.join(self.path, STAGING)
@@ -669,6 +760,37 @@ class S3Repository(object):
 
     def read_latest(self, database, key=None):
         return _pointer_set_id(self.read_latest_record(database), key)
+
+    # Objects outside sets/ (the WAL archive): one PutObject each, checked by its MD5.
+    def object_key(self, path):
+        return s3util.join_key(self.prefix, check_object_path(path))
+
+    def object_location(self, path):
+        return "s3://%s/%s" % (self.bucket, self.object_key(path))
+
+    def write_object(self, path, data):
+        s3util.put_bytes(self.client, self.bucket, self.object_key(path), data, self.record_args)
+
+    def read_object(self, path):
+        """The bytes at ``path``, or None when there is no such object."""
+        return s3util.get_bytes_if_exists(self.client, self.bucket, self.object_key(path))
+
+    def list_objects(self, prefix):
+        """{path: size} of every object under ``prefix``."""
+        base = self.object_key(prefix) + "/"
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        return {
+            key[skip:]: item["Size"]
+            for key, item in s3util.list_keys(self.client, self.bucket, base).items()
+        }
+
+    def delete_objects(self, paths):
+        """Delete objects in the order given (records before their data)."""
+        for path in paths:
+            s3util.delete_keys(self.client, self.bucket, [self.object_key(path)])
+
+    def remove_stale_temp_objects(self, prefix, older_than_seconds=3600):
+        return []
 
     def cleanup_incomplete(self, keep=(), older_than_seconds=0):
         """Abort stale multipart uploads and delete artifacts of sets that never got a manifest."""

@@ -218,6 +218,17 @@ def get_bytes(client, bucket, key):
 
 
 @s3_errors("download")
+def get_bytes_if_exists(client, bucket, key):
+    """The object's bytes, or None when there is no such key (one request, not two)."""
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except _botocore().exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+@s3_errors("download")
 def open_stream(client, bucket, key):
     return client.get_object(Bucket=bucket, Key=key)["Body"]
 

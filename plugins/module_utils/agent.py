@@ -198,6 +198,8 @@ FILE_OPTION_KEYS = (
     "passphrase_file",
     "label",
     "stale_seconds",
+    "incremental",
+    "full_every",
 )
 # The pg_dump module's parameters (what the role renders), plus the agent's own "verify".
 CONFIG_KEYS = (
@@ -257,6 +259,7 @@ INT_KEYS = (
     "s3_part_size_mb",
     "s3_concurrency",
     "s3_retries",
+    "full_every",
 )
 LIST_KEYS = ("tables", "exclude_tables", "s3_targets", "paths", "exclude", "old_passphrase_files")
 STRING_LIST_KEYS = ("tables", "exclude_tables", "paths", "exclude", "old_passphrase_files")
@@ -267,6 +270,7 @@ BOOL_KEYS = (
     "include_globals",
     "row_counts",
     "create_repository",
+    "incremental",
 )
 STRING_KEYS = tuple(
     sorted(

@@ -39,6 +39,7 @@ __metaclass__ = type
 
 import errno
 import fnmatch
+import hashlib
 import os
 import posixpath
 import re
@@ -46,7 +47,7 @@ import stat
 import tarfile
 import time
 
-from . import pipeline
+from . import file_chain, pipeline
 from .catalog import (
     load_manifest,
 )
@@ -123,8 +124,13 @@ class FileBackupOptions(StreamOptions):
         passphrase_file=None,
         label=None,
         stale_seconds=3600,
+        incremental=False,
+        full_every=file_chain.DEFAULT_FULL_EVERY,
     ):
         self.name = check_set_name(name)
+        # Off by default: every set stays a self-contained full set unless asked.
+        self.incremental = bool(incremental)
+        self.full_every = file_chain.check_full_every(full_every)
         if isinstance(paths, str) or not paths:
             raise ConfigError("paths must be a non-empty list of absolute paths")
         self.paths = [check_source_path(p) for p in paths]
@@ -143,6 +149,11 @@ class FileBackupOptions(StreamOptions):
     def artifact_file(self):
         name = self.name + ".tar" + pipeline.COMPRESSION_SUFFIX[self.compression]
         return name + (".gpg" if self.encrypt else "")
+
+    def index_file(self):
+        return file_chain.index_file(
+            self.name, pipeline.COMPRESSION_SUFFIX[self.compression], self.encrypt
+        )
 
     def describe(self):
         return {"paths": list(self.paths), "exclude": list(self.exclude)}
@@ -228,10 +239,23 @@ class TarProducer(object):
     """Iterable of the bytes of one tar archive of ``paths``, built while walking them.
 
     ``read=False`` walks and counts without opening a file (check mode).
+    ``index=True`` records every entry (``self.index``: file_chain's index entries, the
+    sha256 of each file read); ``previous`` (archive name -> entry of the previous set's
+    index) leaves out each regular file whose size, mtime, ctime and inode are unchanged
+    and records the previous entry instead: an incremental set.
     After iteration, the counters and lists describe what was stored and left out.
     """
 
-    def __init__(self, paths, exclude=(), skip_dirs=(), read=True, chunk_size=CHUNK):
+    def __init__(
+        self,
+        paths,
+        exclude=(),
+        skip_dirs=(),
+        read=True,
+        chunk_size=CHUNK,
+        index=False,
+        previous=None,
+    ):
         self.roots = [_Root(i, p, m) for i, (p, m) in enumerate(zip(paths, member_prefixes(paths)))]
         self.exclude = list(exclude)
         self.skip_dirs = {os.path.realpath(d) for d in skip_dirs}
@@ -246,6 +270,10 @@ class TarProducer(object):
         self.changed = []  # {"path", "detail"}
         self.errors = []  # {"path", "detail"}: unreadable
         self.size = 0
+        self.previous = previous
+        self.index = [] if (index or previous is not None) else None
+        self.reused = 0
+        self.reused_bytes = 0
 
     # -- reporting
     def skip(self, path, reason, detail):
@@ -300,7 +328,7 @@ class TarProducer(object):
             if root.kind == "directory":
                 yield from self._directory(root, info)
             else:
-                yield from self._file(root.real, root.member, root.path)
+                yield from self._file(root.real, root.member, root.path, info)
 
     def _excluded(self, root, relative):
         base = posixpath.basename(relative)
@@ -318,6 +346,7 @@ class TarProducer(object):
 
     def _directory(self, root, info):
         self.directories += 1
+        self._note(root.member, "d", info)
         yield self._header(root.member, tarfile.DIRTYPE, info)
         # Depth first, names sorted; an explicit stack (no recursion limit).
         stack = [(root.real, "", self._listing(root.real, root.path))]
@@ -349,10 +378,11 @@ class TarProducer(object):
                     )
                     continue
                 self.directories += 1
+                self._note(member, "d", info)
                 yield self._header(member, tarfile.DIRTYPE, info)
                 stack.append((real, relative, self._listing(real, shown)))
             elif stat.S_ISREG(info.st_mode):
-                yield from self._file(real, member, shown)
+                yield from self._file(real, member, shown, info)
             elif stat.S_ISLNK(info.st_mode):
                 piece = self._link(root, real, member, shown, info)
                 if piece:
@@ -400,9 +430,38 @@ class TarProducer(object):
             self.skip(shown, LINK_OUTSIDE, "points to %s, outside %s" % (target, root.path))
             return None
         self.symlinks += 1
+        self._note(member, "l", info, link=target)
         return self._header(member, tarfile.SYMTYPE, info, linkname=target)
 
-    def _file(self, real, member, shown):
+    def _note(self, member, kind, info, link=None):
+        if self.index is not None:
+            self.index.append(file_chain.entry_for(member, kind, info, link))
+
+    def _unchanged(self, member, info):
+        """The previous set's entry of a regular file that did not change, or None."""
+        if self.previous is None or info is None:
+            return None
+        entry = self.previous.get(member)
+        if entry is None or entry.get("type") != "f" or entry.get("stamp") is None:
+            return None
+        if entry["stamp"] != file_chain.stamp_of(info):
+            return None
+        if (entry["mode"], entry["uid"], entry["gid"]) != (
+            info.st_mode & 0o7777,
+            info.st_uid,
+            info.st_gid,
+        ):
+            return None
+        return entry
+
+    def _file(self, real, member, shown, info=None):
+        if self.read:
+            kept = self._unchanged(member, info)
+            if kept is not None:
+                self.reused += 1
+                self.reused_bytes += kept["size"]
+                self.index.append(dict(kept))
+                return
         if not self.read:
             try:
                 info = os.stat(real, follow_symlinks=False)
@@ -430,6 +489,8 @@ class TarProducer(object):
                 return
             declared = before.st_size
             yield self._header(member, tarfile.REGTYPE, before, size=declared)
+            digest = hashlib.sha256() if self.index is not None else None
+            changing = False
             remaining = declared
             failure = None
             while remaining:
@@ -441,13 +502,18 @@ class TarProducer(object):
                 if not data:
                     break
                 remaining -= len(data)
+                if digest is not None:
+                    digest.update(data)
                 yield data
             if remaining:
                 stored = declared - remaining
                 # The header is out: exactly ``declared`` bytes must follow.
+                changing = True
                 while remaining:
                     step = min(self.chunk_size, remaining)
                     remaining -= step
+                    if digest is not None:
+                        digest.update(bytes(step))
                     yield bytes(step)
                 if failure is not None:
                     self.skip(
@@ -468,6 +534,7 @@ class TarProducer(object):
                 after = os.fstat(fd)
                 grew = after.st_size > declared
                 if grew or after.st_mtime_ns != before.st_mtime_ns:
+                    changing = True
                     self.changed.append(
                         {
                             "path": shown,
@@ -485,6 +552,16 @@ class TarProducer(object):
                 yield bytes(pad)
             self.files += 1
             self.bytes += declared
+            if self.index is not None:
+                entry = file_chain.entry_for(member, "f", before)
+                # A file caught changing is read again next time, whatever its times say.
+                entry.update(
+                    size=declared,
+                    sha256=digest.hexdigest(),
+                    set=None,
+                    stamp=None if changing else file_chain.stamp_of(before),
+                )
+                self.index.append(entry)
         finally:
             os.close(fd)
 
@@ -592,6 +669,7 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
             "database": options.name,
             "targets": [r.url for r in repositories],
             "files": counter.summary(),
+            "incremental": options.incremental,
             "left_out": _limited(counter.skipped),
             "warnings": ["%s is unreachable: %s" % item for item in unreachable.items()]
             + _warnings(counter),
@@ -601,9 +679,22 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
             repositories, unreachable, options.stale_seconds, key, options.name
         )
         local = [r.path for r in repositories if r.kind == "local"]
-        producer = TarProducer(paths, options.exclude, local)
         with SetWriting(repositories, unreachable, set_id, options, passphrase, key) as writing:
-            result = _take_file_set(options, producer, writing, started)
+            parent, why_full = None, None
+            if options.incremental:
+                parent, why_full = file_chain.choose_parent(
+                    repositories, unreachable, options, key, writing.gpg_session
+                )
+            producer = TarProducer(
+                paths,
+                options.exclude,
+                local,
+                index=options.incremental,
+                previous=parent.entries if parent else None,
+            )
+            result = _take_file_set(options, producer, writing, started, parent)
+        if why_full and parent is None and not why_full.startswith("no earlier set"):
+            result["warnings"].append("a full set was taken: %s" % why_full)
         result["warnings"] = layout_warnings + result["warnings"]
         problems, hints = [], []
         failure = writing.failure("file set")
@@ -628,18 +719,50 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
         return result
 
 
-def _take_file_set(options, producer, writing, started):
-    """Stream the tar of ``producer`` into ``writing``; commit the manifest."""
+def _take_file_set(options, producer, writing, started, parent=None):
+    """Stream the tar of ``producer`` (and, in a chain, its index) into ``writing``;
+    commit the manifest."""
     clock = time.time()
     entry, locations = writing.stream(options.artifact_file(), [], producer)
     artifacts = [dict(entry, name=ARTIFACT_NAME, content=CONTENT, locations=locations)]
+    files = producer.summary()
+    if producer.index is not None:
+        for item in producer.index:
+            if item["type"] == "f" and item["set"] is None:
+                item["set"] = writing.set_id
+        deleted = file_chain.deleted_names(parent.entries, producer.index) if parent else []
+        index = file_chain.encode_index(writing.set_id, producer.index, deleted)
+        entry, locations = writing.stream(options.index_file(), [], [index])
+        artifacts.append(
+            dict(
+                entry,
+                name=file_chain.INDEX,
+                content=file_chain.INDEX_CONTENT,
+                locations=locations,
+            )
+        )
+        chain = (
+            {"level": file_chain.INCREMENTAL, "sets": parent.sets, "macs": parent.macs}
+            if parent
+            else file_chain.full_chain_record()
+        )
+        chain["full_every"] = options.full_every
+        files.update(
+            {
+                "tree": file_chain.summarize(producer.index),
+                "reused": producer.reused,
+                "reused_bytes": producer.reused_bytes,
+                "deleted": len(deleted),
+                "chain": chain,
+            }
+        )
     manifest = manifest_header(KIND, writing.set_id, options.name, options, started, clock)
     manifest.update(
         {
             "format": FORMAT,
             "options": options.describe(),
             "artifacts": [{k: v for k, v in a.items() if k != "locations"} for a in artifacts],
-            "files": producer.summary(),
+            "files": files,
         }
     )
     manifest, warnings = writing.commit(manifest, options.name)
@@ -654,7 +777,7 @@ def _take_file_set(options, producer, writing, started):
         "files": manifest["files"],
         "left_out": _limited(producer.skipped),
         "changed_files": _limited(producer.changed),
-        "size": artifacts[0]["size"],
+        "size": sum(a["size"] for a in artifacts),
         "duration_seconds": manifest["duration_seconds"],
         "warnings": warnings + _warnings(producer),
     }

@@ -20,6 +20,8 @@ __metaclass__ = type
 
 import errno
 import glob
+import hashlib
+import io
 import os
 import posixpath
 import shutil
@@ -27,7 +29,7 @@ import stat
 import tarfile
 import time
 
-from . import pipeline
+from . import file_chain, pipeline
 from .catalog import (
     load_manifest,
 )
@@ -257,7 +259,7 @@ class FileTarExtractor(pipeline.ThreadedConsumer):
                 "links; nothing was restored from this set" % (member.name, kind)
             )
 
-    def _file(self, archive, member, parts, meta):
+    def _file(self, archive, member, parts, meta, digest=None):
         self.files += 1
         self.bytes += member.size
         self._check_limits(member)
@@ -281,6 +283,8 @@ class FileTarExtractor(pipeline.ThreadedConsumer):
                 if not data:
                     raise IntegrityError("tar member %r is truncated" % member.name)
                 remaining -= len(data)
+                if digest is not None:
+                    digest.update(data)
                 view = memoryview(data)
                 try:
                     while view:
@@ -346,6 +350,74 @@ class FileTarExtractor(pipeline.ThreadedConsumer):
                 raise _store_failure(os.path.join(self.root, *parts), exc) from exc
             finally:
                 os.close(fd)
+
+
+class ChainTarExtractor(FileTarExtractor):
+    """Extracts from one set of an incremental chain only the regular files that the
+    restored set's index says this set holds (``wanted``: archive name -> index entry),
+    with the index's mode, time and owner, each checked against its sha256. Every
+    member is still checked for safety; directories and links come from the index
+    (``index_tree``). ``limit_files``/``limit_bytes``: what this set's manifest records."""
+
+    def __init__(
+        self, root, wanted, strip=None, preserve_owner=False, limit_files=None, limit_bytes=None
+    ):
+        self.wanted = dict(wanted)
+        self.seen_files = 0
+        self.seen_bytes = 0
+        self.seen_limits = (limit_files, limit_bytes)
+        super(ChainTarExtractor, self).__init__(root, strip=strip, preserve_owner=preserve_owner)
+
+    def _extract(self, archive, member):
+        parts = self._relative(member)
+        if member.isdir() or member.issym():
+            return
+        if not member.isreg() or not parts:
+            return super(ChainTarExtractor, self)._extract(archive, member)  # refuses it
+        self.seen_files += 1
+        self.seen_bytes += member.size
+        limit_files, limit_bytes = self.seen_limits
+        if (limit_files is not None and self.seen_files > limit_files) or (
+            limit_bytes is not None and self.seen_bytes > limit_bytes
+        ):
+            raise IntegrityError(
+                "the archive holds more than its manifest records (%s files, %s bytes) at member "
+                "%r; nothing was restored from this set" % (limit_files, limit_bytes, member.name)
+            )
+        entry = self.wanted.pop(member.name, None)
+        if entry is None:
+            return  # changed or deleted later in the chain: not part of the restored tree
+        if member.size != entry["size"]:
+            raise IntegrityError(
+                "tar member %r is %d bytes, the index records %d; nothing was restored"
+                % (member.name, member.size, entry["size"])
+            )
+        digest = hashlib.sha256()
+        meta = (entry["mode"] & NO_SET_ID_BITS, entry["mtime"], entry["uid"], entry["gid"])
+        self._file(archive, member, parts, meta, digest)
+        if digest.hexdigest() != entry["sha256"]:
+            raise IntegrityError(
+                "tar member %r does not match the sha256 its index records; nothing was "
+                "restored" % member.name
+            )
+
+
+def index_tree(entries):
+    """A tar of the directories and links of an index (headers only), for a
+    FileTarExtractor to create them with the same checks as any archive's."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for entry in entries:
+            if entry["type"] == "f":
+                continue
+            member = tarfile.TarInfo(entry["name"])
+            member.type = tarfile.DIRTYPE if entry["type"] == "d" else tarfile.SYMTYPE
+            member.linkname = entry.get("link", "")
+            member.mode = entry["mode"]
+            member.uid, member.gid = entry["uid"], entry["gid"]
+            member.mtime = entry["mtime"]
+            archive.addfile(member)
+    return out.getvalue()
 
 
 def remove_tree(path):
@@ -482,6 +554,8 @@ def _extract(repo, set_id, work, options, session):
     returns (result, manifest). The caller removes ``work`` if this fails."""
     manifest = load_manifest(repo, set_id, session.key)
     restorable_warnings = check_restorable(manifest, options, session.key, KIND, "name")
+    if file_chain.chain_of(manifest) is not None:
+        return _extract_chain(repo, manifest, work, options, session, restorable_warnings)
     artifact = next((a for a in manifest["artifacts"] if a["name"] == ARTIFACT_NAME), None)
     if artifact is None or artifact.get("content") != CONTENT:
         raise IntegrityError("set %s holds no %s artifact" % (set_id, CONTENT))
@@ -536,6 +610,114 @@ def _extract(repo, set_id, work, options, session):
         "symlinks": extractor.symlinks,
         "stored_bytes": stored,
         "layout": "content" if extractor.strip else "roots",
+        "backup_started_at": manifest["started_at"],
+        "warnings": warnings,
+    }, manifest
+
+
+def _stream_extractor(repo, manifest, artifact, session, extractor):
+    try:
+        try:
+            stored = stream_into(
+                repo,
+                manifest["id"],
+                artifact,
+                manifest,
+                session.gpg_for(manifest),
+                consumer=extractor,
+            )
+            extractor.finish()
+        except BaseException:
+            extractor.abort()
+            raise
+        return stored
+    finally:
+        extractor.close()
+
+
+def _extract_chain(repo, manifest, work, options, session, warnings):
+    """Restore a set of an incremental chain into the new directory ``work``: its index
+    says what the tree holds and which set of the chain holds each file's bytes; each
+    such set's archive is read once, oldest first. Refuses (IntegrityError naming it)
+    when a set of the chain is missing or not the one it was taken against."""
+    set_id = manifest["id"]
+    chain = file_chain.load_chain(repo, manifest, session.key) + [manifest]
+    for member in chain:
+        if member is not manifest:
+            warnings.extend(check_restorable(member, options, session.key, KIND, "name"))
+        for artifact in member["artifacts"]:
+            if repo.artifact_size(member["id"], artifact["file"]) is None:
+                raise IntegrityError(
+                    "set %s cannot be restored: %s is missing"
+                    % (set_id, repo.location(member["id"], artifact["file"])),
+                    "restore a set older than %s, or a full set taken after it" % member["id"],
+                )
+        check_readable_now(repo, member)
+    entries, _deleted = file_chain.read_index(repo, manifest, session.gpg_for(manifest))
+    strip = _strip_prefix(manifest)
+    wanted = {}
+    for entry in entries:
+        if entry["type"] == "f":
+            wanted.setdefault(entry["set"], {})[entry["name"]] = entry
+    os.mkdir(work, 0o700)
+    stored = files = size = 0
+    for member in chain:
+        holds = wanted.pop(member["id"], None)
+        if not holds:
+            continue
+        artifact = next(a for a in member["artifacts"] if a["name"] == ARTIFACT_NAME)
+        recorded = _manifest_files(member)
+        extractor = ChainTarExtractor(
+            work,
+            holds,
+            strip=strip,
+            preserve_owner=options.preserve_owner,
+            limit_files=recorded.get("count") if isinstance(recorded.get("count"), int) else None,
+            limit_bytes=recorded.get("bytes") if isinstance(recorded.get("bytes"), int) else None,
+        )
+        stored += _stream_extractor(repo, member, artifact, session, extractor)
+        if extractor.wanted:
+            raise IntegrityError(
+                "set %s lacks %d file(s) that the index of %s says it holds"
+                % (member["id"], len(extractor.wanted), set_id)
+            )
+        files += extractor.files
+        size += extractor.bytes
+    tree = FileTarExtractor(work, strip=strip, preserve_owner=options.preserve_owner)
+    try:
+        try:
+            tree(index_tree(entries))
+            tree.finish()
+        except BaseException:
+            tree.abort()
+            raise
+        tree.apply_directories()
+    finally:
+        tree.close()
+    summary = file_chain.summarize(entries)
+    recorded = _manifest_files(manifest)
+    if (files, size) != (summary["count"], summary["bytes"]) or recorded.get("tree") != summary:
+        raise IntegrityError(
+            "set %s restored %d files (%d bytes), its manifest records %s"
+            % (set_id, files, size, recorded.get("tree"))
+        )
+    if recorded.get("changed"):
+        warnings.append(
+            "%d file(s) were changing while set %s was taken; their stored copies may be "
+            "inconsistent (the backup's result named them)" % (recorded["changed"], set_id)
+        )
+    return {
+        "set_id": set_id,
+        "name": manifest["database"],
+        "database": manifest["database"],
+        "roots": recorded.get("roots", []),
+        "files": files,
+        "bytes": size,
+        "directories": summary["directories"],
+        "symlinks": summary["symlinks"],
+        "stored_bytes": stored,
+        "layout": "content" if strip else "roots",
+        "chain": [m["id"] for m in chain],
         "backup_started_at": manifest["started_at"],
         "warnings": warnings,
     }, manifest

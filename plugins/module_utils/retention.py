@@ -20,6 +20,8 @@ Whatever the policy, these safety rules hold for each database separately:
   than it (those are not proven restorable yet, the verified one is);
 * at least ``min_keep`` complete sets are kept (the newest ones);
 * the set named by the database's ``latest`` pointer is kept;
+* every set a kept set builds on (the full and earlier sets of an incremental file
+  set's chain, file_chain.py) is kept, "needed by" the newest set that needs it;
 * a set dated after ``now`` (a host clock that was wrong) is kept and takes no slot;
 * corrupt entries (a manifest that does not parse) are reported, never touched;
 * a plan that would leave a database without any complete set is refused.
@@ -38,6 +40,7 @@ __metaclass__ = type
 import contextlib
 import datetime
 
+from . import file_chain
 from .authentication import UNSEALED
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, StoreError
@@ -200,6 +203,14 @@ def _plan_database(entries, policy, now, pinned):
     for set_id, why in pinned.items():
         if set_id in reasons:
             reasons[set_id].append(why)
+    # Newest first, so that a set kept only because a newer one needs it keeps its own chain.
+    # (Ordered as the catalog orders sets: two sets of one second by their start time.)
+    order = sorted(entries, key=lambda e: (e["id"][:16], e.get("started_at") or "", e["id"]))
+    for entry in reversed(order):
+        if reasons[entry["id"]]:
+            for needed in file_chain.dependencies(entry.get("manifest")):
+                if needed in reasons and not reasons[needed]:
+                    reasons[needed].append("needed by %s" % entry["id"])
     return reasons
 
 

@@ -17,7 +17,7 @@ import os
 import subprocess
 import tempfile
 
-from . import authentication, pipeline, sqlguard
+from . import authentication, file_chain, pipeline, sqlguard
 from .catalog import list_catalog, load_manifest, manifest_authentication
 from .errors import BackupError, ConfigError, IntegrityError
 from .lifecycle import check_readable_now
@@ -187,6 +187,8 @@ def _check_content(content, consumer, expected_files=None):
     """Judge what the parser saw; return (status, detail)."""
     if content == FILES_CONTENT:
         return _check_files(consumer, expected_files)
+    if content == file_chain.INDEX_CONTENT:
+        return consumer.judge()
     if content == "pg_dump-custom":
         if "; Archive created at" not in consumer.head:
             return FAIL, "pg_restore --list printed no table of contents"
@@ -240,6 +242,8 @@ def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep
             stages.append(pipeline.Stage("decompression", decompress))
         parser = _content_reader(artifact["content"], bin_dir)
         consumer = ParserConsumer(artifact["content"], parser) if parser else TailKeeper()
+        if artifact["content"] == file_chain.INDEX_CONTENT:
+            consumer = file_chain.ContentCheck(manifest)
     content_error = None
     try:
         pipeline.run_stream(stages, consumer or (lambda chunk: None), source=reader)
@@ -312,8 +316,10 @@ def size_check(repo, manifest, tolerance_percent, history=7, key=None):
         if entry["state"] != "complete" or entry["id"] >= manifest["id"]:
             continue
         other = entry["manifest"]
-        if other["format"] == manifest["format"] and other.get("options") == manifest.get(
-            "options"
+        if (
+            other["format"] == manifest["format"]
+            and other.get("options") == manifest.get("options")
+            and file_chain.level(other) == file_chain.level(manifest)  # full vs incremental
         ):
             previous.append(db_size(other))
         if len(previous) >= history:
@@ -410,6 +416,9 @@ def verify_set(
     finally:
         if gpg_session is not None:
             gpg_session.close()
+    chain = file_chain.chain_check(repo, manifest, key)
+    if chain is not None:
+        checks.append(Check("chain", chain[0], chain[1]))
     if max_age_hours:
         age = (now - parse_time(manifest["finished_at"])).total_seconds() / 3600.0
         status = OK if age <= max_age_hours else FAIL

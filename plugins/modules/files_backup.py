@@ -32,6 +32,11 @@ description:
     was stored.
   - If one target fails (for example S3 is down) the others still receive the complete set, and the task
     fails naming the target that did not.
+  - With O(incremental=true) a set stores only the files that changed since the previous set (new and
+    modified files; deleted ones are recorded), plus an encrypted index of the whole tree. Each set still
+    restores on its own with M(clinic.backup.files_restore) to the exact tree of its moment, as long as the
+    sets it builds on are there; M(clinic.backup.backup_retention) keeps them, M(clinic.backup.backup_verify)
+    checks them. See the README for the by-hand restore of such a chain.
 author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
@@ -107,6 +112,25 @@ options:
     description: Leftovers of killed runs older than this are removed before the backup starts.
     type: int
     default: 3600
+  incremental:
+    description:
+      - Store only what changed since the previous set of this O(name) (a file whose size, mtime, ctime and
+        inode are unchanged is not read again), with an encrypted index of the whole tree naming the set that
+        holds each file's bytes. Restoring a set then needs the sets of its chain (its full set and every set
+        between).
+      - A full set is taken instead, with a warning saying why, when there is no previous set, when the
+        chain reached O(full_every), when O(paths), O(exclude) or O(encrypt) changed, or when a set of the
+        chain is missing from any target.
+      - Off by default, so that every set stays self-contained unless you choose chains (for example for an
+        hourly uploads backup).
+    type: bool
+    default: false
+  full_every:
+    description:
+      - With O(incremental=true), the longest chain - every O(full_every)-th set is a full set again.
+        V(24) with hourly runs gives one full set a day. V(1) takes only full sets.
+    type: int
+    default: 24
 requirements:
   - gpg, zstd or gzip on the host
   - boto3 (for S3 targets)
@@ -139,6 +163,16 @@ EXAMPLES = r"""
         sse: AES256
     audit_log: /var/log/clinic-backup/audit.jsonl
 
+- name: Hourly uploads, storing only what changed (a full set every 24 runs)
+  clinic.backup.files_backup:
+    name: uploads
+    paths:
+      - /var/www/clinic/uploads
+    incremental: true
+    full_every: 24
+    passphrase_file: /root/.backup-passphrase
+    repository: /var/backups/clinic/files
+
 - name: Back up the application's configuration and TLS certificates
   clinic.backup.files_backup:
     name: config
@@ -167,6 +201,9 @@ files:
     - What the archive holds, as recorded in the manifest - regular files (C(count)) and their C(bytes),
       C(directories), C(symlinks), C(excluded) entries, C(roots) (each path with its archive name),
       C(skipped) (counts per reason; the paths are in RV(left_out)), C(changed) and C(unreadable) counts.
+    - With O(incremental=true) also C(tree) (the counts of the whole tree), C(reused) and C(reused_bytes)
+      (files left to earlier sets), C(deleted) and C(chain) (C(level) V(full) or V(incremental), C(sets): the
+      sets it builds on, oldest first). C(count) and C(bytes) are then what this set stores.
   returned: always
   type: dict
   sample:
@@ -207,7 +244,7 @@ targets:
   type: list
   elements: dict
 size:
-  description: Stored bytes of the set (compressed and encrypted).
+  description: Stored bytes of the set (compressed and encrypted; with O(incremental=true) the archive and the index).
   returned: success
   type: int
 duration_seconds:
@@ -255,6 +292,8 @@ def argument_spec():
         s3_targets=dict(type="list", elements="dict", default=[], options=s3_target_options()),
         label=dict(type="str"),
         stale_seconds=dict(type="int", default=3600),
+        incremental=dict(type="bool", default=False),
+        full_every=dict(type="int", default=24),
     )
     return spec
 
@@ -298,6 +337,8 @@ def main():
             passphrase_file=params["passphrase_file"],
             label=params["label"],
             stale_seconds=params["stale_seconds"],
+            incremental=params["incremental"],
+            full_every=params["full_every"],
         )
         result = run_file_backup(build_repositories(params), options, check_mode=module.check_mode)
     except BackupError as exc:

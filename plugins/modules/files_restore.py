@@ -33,6 +33,11 @@ description:
   - Without O(set_id) the newest complete set of O(name) is taken; a set that turns out damaged (missing
     artifact, sha256 mismatch, unsafe member, wrong count) is passed over for the next older one and
     reported in RV(damaged). A wrong passphrase or bad input stops at once.
+  - A set of an incremental chain (C(files_backup) with C(incremental=true)) is restored from its encrypted
+    index, which lists every path of the tree and the set of the chain holding each file's bytes; those
+    sets' archives are read oldest first and each file is checked against the sha256 the index records. If a
+    set of the chain is missing or is not the set it was taken against, the restore refuses naming it (a set
+    taken before the missing one still restores). RV(chain) lists the sets read.
 author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
@@ -173,6 +178,11 @@ roots:
   returned: success
   type: list
   elements: dict
+chain:
+  description: For a set of an incremental chain, the sets it was rebuilt from, oldest first (the restored set last).
+  returned: when the set belongs to an incremental chain
+  type: list
+  elements: str
 previous_dir:
   description: With O(mode=replace), where the replaced directory was kept, or null if there was none.
   returned: when mode is create or replace

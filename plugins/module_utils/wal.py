@@ -1068,7 +1068,43 @@ def fetch_wal(repositories, cluster, name, dest_path, session):
             "recovery stops here rather than end early: make the repository reachable and "
             "start the server again",
         )
+    later = _later_segment(repositories, cluster, wal) if wal.kind == "segment" else None
+    if later:
+        raise WalRefused(
+            "WAL file %s is missing from the archive, but %s after it is archived: a gap "
+            "(deleted or never stored), not the end of the archive" % (wal.name, later),
+            "recovery stops here rather than end early at the gap: restore the file from "
+            "another copy, or choose a recovery target before it",
+        )
     raise WalNotArchived("WAL file %s is not archived" % wal.name)
+
+
+def _later_segment(repositories, cluster, wal):
+    """A segment archived after ``wal`` on its timeline (same or next log directory), or
+    None: tells a hole in the archive from its end."""
+    prefix = cluster_prefix(cluster)
+    folders = [wal.name[:16], "%08X%08X" % (wal.timeline, wal.log + 1)]
+    for repo in repositories:
+        for folder in folders:
+            try:
+                objects = repo.list_objects(prefix + "/" + folder)
+            except StoreError:
+                continue
+            for path in sorted(objects):
+                base = path.rsplit("/", 1)[-1]
+                if not base.endswith(RECORD_SUFFIX):
+                    continue
+                try:
+                    other = parse_wal_name(base[: -len(RECORD_SUFFIX)])
+                except ConfigError:
+                    continue
+                if (
+                    other.kind == "segment"
+                    and other.timeline == wal.timeline
+                    and other.position > wal.position
+                ):
+                    return other.name
+    return None
 
 
 # ------------------------------------------------------------------ monitoring

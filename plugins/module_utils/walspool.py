@@ -118,7 +118,7 @@ def worker_running(spool, lock_name):
 
 
 def spawn_worker(spool, kind, config_path, argument):
-    """Start a detached worker (its own session: it outlives this call)."""
+    """Start a detached worker (its own session: it outlives this call); its Popen."""
     log_path = os.path.join(spool, WORKER_LOG)
     try:
         if os.path.getsize(log_path) > MAX_WORKER_LOG:
@@ -129,7 +129,7 @@ def spawn_worker(spool, kind, config_path, argument):
         log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o600
     )
     try:
-        subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", __name__.rsplit(".", 1)[0] + ".walspool", kind, config_path]
             + [argument],
             stdin=subprocess.DEVNULL,
@@ -237,7 +237,7 @@ def push_foreground(config_path, config, wal_path):
     timeout = settings.get("push_timeout")
     timeout = timeout if isinstance(timeout, (int, float)) and timeout > 0 else 60
     deadline = time.monotonic() + timeout
-    spawned, pause = 0, 0.01
+    spawned, pause, child = 0, 0.01, None
     while True:
         done = read_status(ok_path)
         if done is not None:
@@ -252,14 +252,17 @@ def push_foreground(config_path, config, wal_path):
             _unlink(error_path)
             _say("wal-push %s failed: %s" % (name, failed.get("msg") or "see %s" % WORKER_LOG))
             return EXIT_FAILED
-        if not worker_running(spool, PUSH_LOCK):
+        # A worker just started holds no lock yet: it counts as running while alive.
+        if (child is None or child.poll() is not None) and not worker_running(spool, PUSH_LOCK):
             if spawned >= 3:
                 _say(
                     "wal-push %s: the push worker stopped without an answer; see %s"
                     % (name, os.path.join(spool, WORKER_LOG))
                 )
                 return EXIT_FAILED
-            spawn_worker(spool, PUSH, config_path, os.path.dirname(os.path.abspath(wal_path)))
+            child = spawn_worker(
+                spool, PUSH, config_path, os.path.dirname(os.path.abspath(wal_path))
+            )
             spawned += 1
             pause = 0.01
         if time.monotonic() > deadline:

@@ -137,8 +137,11 @@ class PostgresCluster:
         base_dir: str | os.PathLike[str] | None = None,
         settings: Mapping[str, SettingValue] | None = None,
         bin_dir: str | os.PathLike[str] | None = None,
+        initdb_args: tuple[str, ...] = (),
     ) -> None:
         self.bin_dir = Path(bin_dir) if bin_dir else find_bin_dir()
+        # Extra initdb options, e.g. ("--wal-segsize=1",) for 1 MiB WAL segments.
+        self.initdb_args = tuple(initdb_args)
         self._account = _server_account()
         parent = Path(base_dir) if base_dir is not None else Path("/tmp")
         parent.mkdir(parents=True, exist_ok=True)
@@ -432,6 +435,7 @@ class PostgresCluster:
                 "--locale=C",
                 "--data-checksums",
                 "--no-sync",
+                *self.initdb_args,
             ],
         )
         if proc.returncode != 0:

@@ -738,10 +738,15 @@ def status_config_paths(args):
 
 
 def status_group(path, args, now, thresholds, metrics_dir):
-    """The status of one config (read-only: no lock, no audit record, no metrics)."""
+    """The status of one config (read-only: no lock, no metrics; the read itself is
+    audited when the config has an audit log)."""
     config = load_config(path)
     check_config(config)
     key = RecordKey.from_file(config.get("passphrase_file"), config.get("old_passphrase_files"))
+    if config.get("audit_log"):
+        AuditLog(config["audit_log"]).record(
+            "read", "ok", database=database_name(config), repositories=repository_names(config)
+        )
     return gather_group(
         database_name(config),
         locations_of(config),

@@ -67,7 +67,18 @@ from .errors import ConfigError, StoreError
 from .repository import fsync_dir, isoformat, make_private_dirs, utc_now
 from .version import TOOL_VERSION
 
-ACTIONS = ("backup", "verify", "restore", "restore_test", "retention", "transfer", "credentials")
+# "read": someone looked at the catalog (status, backup_info): access to the backups'
+# metadata is logged like access to the backups themselves.
+ACTIONS = (
+    "backup",
+    "verify",
+    "restore",
+    "restore_test",
+    "retention",
+    "transfer",
+    "credentials",
+    "read",
+)
 OUTCOMES = ("ok", "failed", "refused", "skipped")
 RESERVED = frozenset(
     (
@@ -372,3 +383,50 @@ def verify_chain(path):
                 return False, number
             previous = line
     return True, None
+
+
+def log_evidence(path):
+    """What the audit log proves, for a status or a compliance report: whether it is
+    intact (verify_chain's rule, one pass), how many records of each action it holds and
+    the times of its first and last record. A missing log is ``{"present": False}``;
+    an unreadable one raises ConfigError as verify_chain does."""
+    if not os.path.lexists(path):
+        return {"path": path, "present": False}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError(
+            "cannot open audit log %s: %s" % (path, exc.strerror),
+            "give the path of an existing audit log (symlinks are refused)",
+        ) from exc
+    actions, first_at, last_at, records, first_bad = {}, None, None, 0, None
+    with os.fdopen(fd, "rb") as handle:
+        previous = None
+        for number, raw in enumerate(handle, 1):
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            if first_bad is None and check_line(line, previous) is not None:
+                first_bad = number
+            previous = line
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            if not isinstance(record, dict):
+                continue
+            records += 1
+            action = str(record.get("action"))
+            actions[action] = actions.get(action, 0) + 1
+            moment = record.get("time")
+            if isinstance(moment, str):
+                first_at = first_at or moment
+                last_at = moment
+    return {
+        "path": path,
+        "present": True,
+        "intact": first_bad is None,
+        "first_bad_line": first_bad,
+        "records": records,
+        "actions": actions,
+        "first_at": first_at,
+        "last_at": last_at,
+    }

@@ -204,6 +204,21 @@ def audit_record(path, action, ok, result, repositories=()):
     return None
 
 
+def record_read(module, database=None):
+    """Record that this task read the catalog (who looked at which backups), in check
+    mode too: a read happened either way. Fails the task when the record cannot be
+    written, as for every other operation."""
+    problem = audit_record(
+        module.params.get("audit_log"),
+        "read",
+        True,
+        {"database": database},
+        repository_names(module.params),
+    )
+    if problem:
+        module.fail_json(msg=problem)
+
+
 def fail_audited(module, action, exc):
     """fail_json for an engine error, recorded in the audit log first.
 

@@ -42,6 +42,8 @@ DEFAULT_LIMIT = 10
 # Records of one restore test written by different sources (the agent writes its audit
 # record, then its metrics) are at most this many seconds apart.
 SAME_TEST_SECONDS = 120.0
+# Restore tests listed per group (newest first): a year of monthly tests and then some.
+RESTORE_TEST_HISTORY = 50
 _UTC = datetime.timezone.utc
 _SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -269,6 +271,8 @@ def set_rows(entries, urls, now, tz=None):
                 duration_seconds=set_duration(dict(manifest, **first)),
                 size=first.get("size"),
                 ratio=compression_ratio(manifest, first.get("size")),
+                kind=manifest.get("kind", "database"),
+                encrypted=(manifest.get("encryption") or {}).get("method", "none") != "none",
             )
         row["copies"] = []
         for url in urls:
@@ -334,6 +338,31 @@ def restore_tests_from_audit(records, name):
                 "rpo_seconds": _number(record.get("rpo_seconds")),
                 "source": "audit log",
                 "error": record.get("detail"),
+            }
+        )
+    return found
+
+
+def restore_tests_from_catalog(entries, name):
+    """Restore-test records of ``name`` from the sets' own sealed restore_test.json
+    (the catalog reads and authenticates them): present whichever path ran the test,
+    even when the audit log and the metrics are elsewhere."""
+    found = []
+    for entry in entries:
+        if not matches_database(entry, name) or entry.get("state") != "complete":
+            continue
+        moment = _time(entry.get("restore_tested_at"))
+        if moment is None:
+            continue
+        found.append(
+            {
+                "at": moment,
+                "ok": True,
+                "set_id": entry.get("id"),
+                "rto_seconds": _number(entry.get("restore_test_rto_seconds")),
+                "rpo_seconds": _number(entry.get("restore_test_rpo_seconds")),
+                "source": "catalog",
+                "error": None,
             }
         )
     return found
@@ -537,7 +566,10 @@ def group_status(
         if e.get("state") == "complete"
     }
     rows = set_rows(selected, list(urls), now, tz)
-    merged = [_derive_rpo(t, selected) for t in merge_tests(tests)]
+    merged = [
+        _derive_rpo(t, selected)
+        for t in merge_tests(list(tests) + restore_tests_from_catalog(selected, name))
+    ]
     last_test = merged[0] if merged else None
     last_ok = next((t for t in merged if t["ok"]), None)
     problems = list(errors)
@@ -574,6 +606,7 @@ def group_status(
         "restore_test": _test_out(last_test),
         "last_successful_restore_test": _test_out(last_ok),
         "restore_test_text": describe_test(last_test, now, tz),
+        "restore_tests": [_test_out(t) for t in merged[:RESTORE_TEST_HISTORY]],
         "overdue": overdue(selected, list(urls), last_ok, now, thresholds),
         "problems": problems,
         "errors": list(errors),
@@ -592,6 +625,7 @@ def error_group(name, message):
         "restore_test": None,
         "last_successful_restore_test": None,
         "restore_test_text": "unknown",
+        "restore_tests": [],
         "overdue": [],
         "problems": [message],
         "errors": [message],

@@ -21,13 +21,15 @@ description:
   - With O(passphrase_file) every manifest and verification record is authenticated
     (RV(sets[].authentication)); one that fails is listed as corrupt or forged. Without it nothing is
     authenticated and a warning says so. RV(newest) is never a set whose manifest carries no MAC.
-  - Never changes anything; reads the same in check mode.
+  - Never changes anything; reads the same in check mode. With O(audit_log) the read itself is recorded
+    (action C(read), in check mode too), so access to the backups' catalog is logged.
   - O(sse), O(kms_key_id) and O(storage_class) only matter to modules that upload; they are accepted here so
     that one set of S3 variables serves every module.
 author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - clinic.backup.audit
   - clinic.backup.authentication
   - clinic.backup.s3
   - clinic.backup.s3.location
@@ -267,11 +269,13 @@ from ansible_collections.clinic.backup.plugins.module_utils.catalog_report impor
 )
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
+    AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
     PASSPHRASE_ARGS,
     S3_LOCATION_ARGS,
     error_result,
     missing_library,
+    record_read,
     repositories_from_params,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.repository import utc_now
@@ -293,6 +297,7 @@ def argument_spec():
         list_tables=dict(type="bool", default=False),
         set_id=dict(type="str"),
     )
+    spec.update(AUDIT_ARGS)
     return spec
 
 
@@ -324,6 +329,8 @@ def main():
         if params["list_tables"]:
             wanted = params["set_id"] or (report["newest"] or {}).get("id")
             report["tables"] = set_tables(entries, wanted) if wanted else None
+        # Who read the catalog is recorded (in check mode too: the read happened).
+        record_read(module, params["database"])
     except BackupError as exc:
         module.fail_json(**error_result(exc))
     if key is None:

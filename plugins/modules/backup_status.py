@@ -26,7 +26,9 @@ description:
     C(NOT AUTHENTICATED) or C(verification FORGED). Without it, every copy says C(NOT AUTHENTICATED).
   - A repository that cannot be read is named in RV(status.problems) and RV(status.errors); the task still
     succeeds with what could be read, so the table shows the rest. Use RV(overdue) to fail a play.
-  - Never changes anything, writes no audit record; reads the same in check mode.
+  - Never changes anything; reads the same in check mode. With O(audit_log), the read itself is recorded
+    (action C(read), in check mode too; access to the backups' catalog is logged like any other access),
+    and RV(status.audit) says whether the log is intact and what it holds.
   - O(s3_targets) takes the same list as M(clinic.backup.pg_dump); only its C(bucket), C(prefix), C(region)
     and C(endpoint_url) are used here (C(sse), C(kms_key_id), C(storage_class) and the upload tuning options
     do nothing in this module).
@@ -140,7 +142,7 @@ status:
       description:
         - Sets, newest first, each with C(id), C(finished_at), C(finished) (local time and age), C(age_seconds),
           C(duration_seconds), C(size) (bytes), C(ratio) (source bytes over stored bytes, or null when the
-          manifest does not record them), and C(copies).
+          manifest does not record them), C(kind), C(encrypted) and C(copies).
         - Each copy has C(repository), C(where) (V(local) or V(s3)), C(present), C(state), C(verification),
           C(verified_at), C(authentication) and C(text) (as in the table).
       type: list
@@ -156,6 +158,18 @@ status:
       type: dict
     last_successful_restore_test:
       description: The last restore test that succeeded, as RV(status.restore_test), or null.
+      type: dict
+    restore_tests:
+      description:
+        - Every restore test found (newest first, at most 50), as RV(status.restore_test). A set's own sealed
+          C(restore_test.json) counts, whichever path ran the test.
+      type: list
+      elements: dict
+    audit:
+      description:
+        - With O(audit_log) only. C(present), C(intact) (the hash chain holds), C(first_bad_line), C(records),
+          C(actions) (records per action), C(first_at) and C(last_at).
+      returned: when O(audit_log) is given
       type: dict
     overdue:
       description: What is overdue, each with C(check) (V(backup), V(verify), V(restore_test)) and C(message).
@@ -173,6 +187,7 @@ status:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.clinic.backup.plugins.module_utils.audit import log_evidence
 from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.errors import BackupError
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
@@ -180,6 +195,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     PASSPHRASE_ARGS,
     error_result,
     missing_library,
+    record_read,
     s3_target_options,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.repository import utc_now
@@ -238,6 +254,15 @@ def main():
             thresholds=thresholds,
             limit=params["limit"],
         )
+        if params["audit_log"]:
+            record_read(module, params["database"])
+            group["audit"] = log_evidence(params["audit_log"])
+            if group["audit"]["present"] and not group["audit"]["intact"]:
+                group["problems"].append(
+                    "audit log %s is NOT intact from line %s on (edited, removed or "
+                    "inserted lines): clinic-backup audit-verify names the line"
+                    % (params["audit_log"], group["audit"]["first_bad_line"])
+                )
     except BackupError as exc:
         module.fail_json(**error_result(exc))
     for error in group["errors"]:

@@ -81,7 +81,8 @@ def test_status_after_backup_verify_and_restore_test(
     ]
     last = group["restore_test"]
     assert last["ok"] is True and last["set_id"] == set_id
-    assert sorted(last["sources"]) == ["audit log", "metrics"]
+    # The set's own sealed restore_test.json is a source too.
+    assert sorted(last["sources"]) == ["audit log", "catalog", "metrics"]
     assert last["rto_seconds"] >= rehearsal["duration_seconds"] > 0
     assert abs(last["rpo_seconds"] - rehearsal["rpo_seconds"]) < 60
     assert group["overdue"] == [] and report["overdue"] is False
@@ -106,11 +107,14 @@ def test_status_after_backup_verify_and_restore_test(
     assert tiny.stdout.count("OVERDUE: no verify in") == 2
     assert "OVERDUE: no restore test in" in tiny.stdout
 
-    # status only reads: no audit record, no metrics file of its own.
+    # status only reads (each read on record: who looked at the backups), no metrics file.
     assert [json.loads(line)["action"] for line in audit.read_text().splitlines()] == [
         "backup",
         "verify",
         "restore_test",
+        "read",
+        "read",
+        "read",
     ]
     assert sorted(p.name.split(".")[0] for p in metrics_dir.iterdir()) == [
         "clinic_backup_backup",

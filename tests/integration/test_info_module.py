@@ -4,6 +4,7 @@ newest_only + require_verified after a backup_verify run."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,9 +87,25 @@ def test_catalog_of_local_and_s3_with_filters(ansible, repo_dir, two_sets):
             info_task("s3 newest", newest_only=True, include_manifest=True, **location),
             info_task("other database", repository=repo_dir, database="billing"),
             info_task("check mode", check_mode=True, **both),
+            info_task("audited", audit_log=str(repo_dir) + "-audit/audit.log", **both),
+            info_task(
+                "audited check",
+                check_mode=True,
+                audit_log=str(repo_dir) + "-audit/audit.log",
+                **both,
+            ),
         ]
     ).assert_ok()
     assert tree_state(repo_dir) == before
+    # Who read the catalog is on record, in check mode too (the read happened).
+    reads = [
+        json.loads(line)
+        for line in Path(str(repo_dir) + "-audit/audit.log").read_text().splitlines()
+    ]
+    assert [(r["action"], r["outcome"], r.get("database")) for r in reads] == [
+        ("read", "ok", None)
+    ] * 2
+    assert reads[0]["repositories"] == [str(repo_dir), two_sets["s3_url"]]
 
     everything = run.result("all")
     assert everything["changed"] is False

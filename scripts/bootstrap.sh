@@ -33,6 +33,10 @@ REQUIRED_COMMANDS=(psql pg_dump pg_restore gpg zstd gzip gcc pg_config rsync git
 # for Ansible. No slirp4netns or uidmap: the hosts are rootful and have no route out.
 TEST_HOST_PACKAGES=(podman runc netavark catatonit iptables mmdebstrap openssh-client)
 TEST_HOST_COMMANDS=(podman runc catatonit iptables mmdebstrap ssh ssh-keygen)
+# Optional test tools, "package:command" each: installed when missing, and a failure to
+# install is a warning (the tests that need the tool skip, saying why), never fatal.
+#   chromium: renders the compliance report (tests/integration/test_playbook_status.py)
+OPTIONAL_TEST_TOOLS=(chromium:chromium)
 APT_UPDATED=0
 
 log() { printf 'bootstrap: %s\n' "$*"; }
@@ -177,6 +181,21 @@ else
       log "WARNING: could not install ${TEST_HOST_PACKAGES[*]} (tests/hosts will skip)"
     fi
   fi
+fi
+
+# ---------------------------------------------------------------------------- 2b. optional tools
+if [[ "${CLINIC_SKIP_APT:-0}" == "1" ]]; then
+  log "optional test tools: skipped (CLINIC_SKIP_APT)"
+else
+  for entry in "${OPTIONAL_TEST_TOOLS[@]}"; do
+    package="${entry%%:*}" cmd="${entry#*:}"
+    if command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1; then
+      continue
+    fi
+    log "optional test tool missing: $cmd"
+    (install_apt_packages "$package") ||
+      log "WARNING: could not install $package (the tests that need $cmd will skip)"
+  done
 fi
 
 # ---------------------------------------------------------------------------- 3. venv

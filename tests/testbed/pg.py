@@ -138,14 +138,21 @@ class PostgresCluster:
         settings: Mapping[str, SettingValue] | None = None,
         bin_dir: str | os.PathLike[str] | None = None,
         initdb_args: tuple[str, ...] = (),
+        home: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``home``: a fixed directory kept between runs (the demo's), used as it is (a
+        cluster already in it is started again) instead of a new temporary one."""
         self.bin_dir = Path(bin_dir) if bin_dir else find_bin_dir()
         # Extra initdb options, e.g. ("--wal-segsize=1",) for 1 MiB WAL segments.
         self.initdb_args = tuple(initdb_args)
         self._account = _server_account()
-        parent = Path(base_dir) if base_dir is not None else Path("/tmp")
-        parent.mkdir(parents=True, exist_ok=True)
-        self.base = Path(tempfile.mkdtemp(prefix="clinic-pg-", dir=parent))
+        if home is not None:
+            self.base = Path(home)
+            self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        else:
+            parent = Path(base_dir) if base_dir is not None else Path("/tmp")
+            parent.mkdir(parents=True, exist_ok=True)
+            self.base = Path(tempfile.mkdtemp(prefix="clinic-pg-", dir=parent))
         self._prepare_base()
         self.socket_dir = str(self.base)
         self.data_dir = str(self.base / "data")
@@ -171,6 +178,11 @@ class PostgresCluster:
     def start(self) -> None:
         """initdb on first use, then start the server and wait until it accepts connections."""
         if self.is_running():
+            # A kept cluster (``home``) already up: talk to it on the port it listens on.
+            try:
+                self.port = int(Path(self.data_dir, "postmaster.pid").read_text().split("\n")[3])
+            except (OSError, IndexError, ValueError):
+                pass
             return
         if not Path(self.data_dir, "PG_VERSION").exists():
             self._initdb()
@@ -262,6 +274,17 @@ class PostgresCluster:
         """Stop (if running) and start again on the same port and data directory."""
         self.stop()
         self.start()
+
+    def detach(self) -> None:
+        """Leave the server running when this process exits (the demo's cluster)."""
+        _LIVE_CLUSTERS.discard(self)
+
+    def pg_ctl_argv(self, action: str) -> list[str]:
+        """The command an operator runs to ``stop``/``start`` this cluster by hand."""
+        argv = [str(self.bin_dir / "pg_ctl"), "-D", self.data_dir, "-l", self.log_file, action]
+        if self._account is not None:
+            argv = ["runuser", "-u", self._account.pw_name, "--"] + argv
+        return argv
 
     def destroy(self) -> None:
         """Stop the server and delete the cluster's directory."""

@@ -155,6 +155,13 @@ def validate_manifest(data, set_id):
                 "manifest of %s (a file set) does not list exactly one files artifact" % set_id,
                 "the manifest was truncated or tampered with: use another set",
             )
+    elif kind == "basebackup":
+        # A base backup is one tar archive of a cluster's data directory.
+        if names != ["base"]:
+            raise IntegrityError(
+                "manifest of %s (a base backup) does not list exactly one base artifact" % set_id,
+                "the manifest was truncated or tampered with: use another set",
+            )
     elif kind != "database":
         raise IntegrityError(
             "manifest of %s is of unknown kind %r" % (set_id, kind), "upgrade clinic.backup"

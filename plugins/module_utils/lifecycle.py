@@ -375,7 +375,16 @@ def load_explicit(repo, set_id, key, options):
         ) from None
 
 
-KIND_NAMES = {"database": "a database backup", "files": "a file set (uploads or configuration)"}
+KIND_NAMES = {
+    "database": "a database backup",
+    "files": "a file set (uploads or configuration)",
+    "basebackup": "a base backup of a whole cluster",
+}
+RESTORED_WITH = {
+    "database": "backup_restore",
+    "files": "files_restore",
+    "basebackup": "the point-in-time restore (playbooks/dr_point_in_time.yml)",
+}
 
 
 def check_restorable(manifest, options, key, kind="database", name_option="database"):
@@ -386,8 +395,12 @@ def check_restorable(manifest, options, key, kind="database", name_option="datab
         raise ConfigError(
             "set %s is %s, not %s"
             % (set_id, KIND_NAMES.get(manifest.get("kind"), "a database backup"), KIND_NAMES[kind]),
-            "restore it with clinic.backup.%s"
-            % ("files_restore" if kind == "database" else "backup_restore"),
+            "restore it with %s"
+            % (
+                "clinic.backup." + RESTORED_WITH[manifest.get("kind", "database")]
+                if manifest.get("kind", "database") in ("database", "files")
+                else RESTORED_WITH.get(manifest.get("kind"), "the tool that wrote it")
+            ),
         )
     wanted = getattr(options, name_option, None)
     if wanted is not None and manifest["database"] != wanted:

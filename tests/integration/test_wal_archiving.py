@@ -110,22 +110,23 @@ def test_archive_to_local_and_s3_then_fetch_identical(s3, s3_bucket, tmp_path):
 
         # History, .backup and .partial files take the same path (the synchronous one
         # here: no archive_status beside them).
-        for name, data in (
-            ("00000002.history", b"1\t0/5000000\tno recovery target specified\n"),
-            (done[-1] + ".00000028.backup", b"START WAL LOCATION: 0/5000028\n"),
-            (done[-1] + ".partial", bed.wal_file(present[-1]).read_bytes()),
-        ):
-            path = Path(bed.home) / name
-            path.write_bytes(data)
-            os.chown(path, bed.uid, bed.gid)
-            result = bed.agent("wal-push", str(path))
-            assert result.returncode == 0, result.stderr
-            with wal.WalSession(key, "main") as session:
+        with wal.WalSession(key, "main") as session:
+            for name, data in (
+                ("00000002.history", b"1\t0/5000000\tno recovery target specified\n"),
+                (done[-1] + ".00000028.backup", b"START WAL LOCATION: 0/5000028\n"),
+                (done[-1] + ".partial", bed.wal_file(present[-1]).read_bytes()),
+            ):
+                path = tmp_path / "push" / name
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(data)
+                wal.push_wal([local, remote], "main", str(path), session)
                 wal.fetch_wal([remote], "main", name, str(tmp_path / name), session)
-            assert (tmp_path / name).read_bytes() == data
+                assert (tmp_path / name).read_bytes() == data
         records = {r.name: r for r in wal.list_wal(local, "main", key)}
         assert records["00000002.history"].history == [[1, "0/5000000"]]
         # Pushing the history file again with other content is refused loudly.
-        (Path(bed.home) / "00000002.history").write_text("1\t0/6000000\tother\n")
-        result = bed.agent("wal-push", str(Path(bed.home) / "00000002.history"))
+        other = Path(bed.home) / "00000002.history"
+        other.write_text("1\t0/6000000\tother\n")
+        os.chown(other, bed.uid, bed.gid)
+        result = bed.agent("wal-push", str(other))
         assert result.returncode == 1 and "different content" in result.stderr

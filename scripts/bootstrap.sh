@@ -24,7 +24,7 @@ VENV="${VENV:-$REPO/.venv}"
 STAMP="$VENV/.requirements.sha256"
 APT_PACKAGES=(
   postgresql postgresql-client gnupg zstd gzip python3-venv python3-dev gcc libpq-dev
-  rsync git make ca-certificates shellcheck cron
+  rsync git make ca-certificates shellcheck cron nginx-light
 )
 # Commands those packages provide (pg_ctl is checked separately: it is not on PATH).
 REQUIRED_COMMANDS=(psql pg_dump pg_restore gpg zstd gzip gcc pg_config rsync git make shellcheck crontab)
@@ -96,6 +96,9 @@ missing_tools() {
   done
   compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || missing+=("pg_ctl")
   [[ -e /etc/ssl/certs/ca-certificates.crt ]] || missing+=("ca-certificates")
+  # nginx: the live web server the configuration restore tests validate and reload
+  # (run unprivileged on loopback; policy-rc.d keeps the package from starting its own).
+  [[ -x /usr/sbin/nginx ]] || missing+=("nginx")
   py="$(pick_python)"
   if [[ -z "$py" ]]; then
     missing+=("python3.11+")

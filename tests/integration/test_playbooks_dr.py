@@ -22,8 +22,9 @@ from pathlib import Path
 import psycopg2
 import pytest
 from testbed.ansible import ansible_env, run_playbook, venv_bin
-from testbed.dataset import make_uploads, table_fingerprints
+from testbed.dataset import FAKE_SECRETS, make_config_files, make_uploads, table_fingerprints
 from testbed.files import write_passphrase_file, write_private
+from testbed.nginx import Nginx, site
 from testbed.pg import PostgresCluster, quote_literal
 
 from tests.integration import helpers
@@ -41,6 +42,7 @@ REPLACE = "Restore the newest good set in place of the damaged database"
 SAFETY = "Take a safety backup of the current state (label pre-restore)"
 CLEAN_RESTORE = "Restore the newest verified set from before the intrusion into a new database"
 SERVER_RESTORE = "Restore the newest set with the cluster's roles into a new database"
+PLACE = "Put the configuration groups back in place (validate, then reload)"
 
 
 @dataclass
@@ -258,6 +260,92 @@ def damaged_copy(dr, pg) -> Iterator[tuple[str, str, str]]:
         drop_like(pg, copy)
 
 
+@dataclass
+class LiveConfig:
+    """The configuration of the host being recovered: a serving nginx (its site file),
+    the application's .env, and one verified set of both (file group "config")."""
+
+    web: Nginx
+    env_file: Path
+    repo: Path
+    set_id: str
+    backed_up: dict[Path, bytes]
+
+    def group(self, name: str = "config") -> dict[str, object]:
+        """The clinic_backup_file_groups entry that puts this configuration back."""
+        return {
+            "name": name,
+            "repository": str(self.repo),
+            "keep_dir": str(self.repo.parent / "kept"),
+            "place": [
+                {
+                    "path": str(self.web.site),
+                    "mode": "0644",
+                    "validate": self.web.test_argv,
+                    "reload": self.web.reload_argv,
+                },
+                {"path": str(self.env_file)},
+            ],
+        }
+
+    def drift(self, body: str) -> int:
+        """Change both files after the backup (the site live); returns the reload count."""
+        self.web.site.write_text(site(self.web.port, body))
+        self.web.proc.send_signal(1)  # SIGHUP: reload
+        self.web.wait_for_body(body)
+        # Edited, not emptied: a set of it must still pass verify's size check.
+        self.env_file.write_bytes(self.backed_up[self.env_file] + b"DATABASE_PASSWORD=drifted\n")
+        return self.web.reloads()
+
+    def assert_restored(self) -> None:
+        self.web.wait_for_body("backed-up site")
+        for path, data in self.backed_up.items():
+            assert path.read_bytes() == data, path
+        assert self.env_file.stat().st_mode & 0o077 == 0
+
+
+@pytest.fixture(scope="module")
+def live_config(dr) -> Iterator[LiveConfig]:
+    if not Nginx.available():
+        pytest.skip("nginx is not installed (scripts/bootstrap.sh installs nginx-light)")
+    root = dr.work / "live-config"
+    web = Nginx(root / "nginx")
+    web.write_config("backed-up site")
+    env_file = make_config_files(root / "etc")["env"]
+    repo = root / "config-repo"
+    passphrase = dr.base_vars["clinic_backup_passphrase_file"]
+    web.start()
+    try:
+        run = dr.play_tasks(
+            [
+                {
+                    "name": "config backup",
+                    "clinic.backup.files_backup": {
+                        "name": "config",
+                        "paths": [str(web.site), str(env_file)],
+                        "repository": str(repo),
+                        "passphrase_file": passphrase,
+                    },
+                },
+                {
+                    "name": "verify",
+                    "clinic.backup.backup_verify": {
+                        "repository": str(repo),
+                        "passphrase_file": passphrase,
+                    },
+                },
+            ]
+        ).assert_ok()
+        backed_up = {p: p.read_bytes() for p in (web.site, env_file)}
+        yield LiveConfig(web, env_file, repo, run.result("config backup")["set_id"], backed_up)
+    finally:
+        web.stop()
+
+
+def placed_groups(run) -> list[dict]:
+    return [r for r in run.result(PLACE).get("results", []) if "item" in r]
+
+
 def work_play(dr: DR, tasks: list[dict]) -> Path:
     path = dr.work / ("setup-%s.yml" % secrets.token_hex(3))
     path.write_text(
@@ -277,16 +365,25 @@ def corrupt(pg: PostgresCluster, dbname: str, user: str | None = None) -> None:
 
 
 def test_corruption_swaps_in_the_newest_good_set_and_keeps_the_damaged_database(
-    dr, pg, pg_fingerprints, damaged_copy
+    dr, pg, pg_fingerprints, damaged_copy, live_config
 ):
     copy, _repo, _good = damaged_copy
     corrupt(pg, copy)
+    reloads = live_config.drift("drifted site")
     # The copy stands in for the live database; the sets to restore are clinic_db's.
     run = dr.play(
         "dr_database_corruption.yml",
         clinic_backup_database=copy,
         clinic_backup_restore_source_database=pg.clinic_db,
+        clinic_backup_file_groups=[live_config.group()],
+        clinic_backup_restore_file_groups=["config"],
     ).assert_ok()
+    # The configuration is back, validated by nginx -t, and the live server reloaded once.
+    live_config.assert_restored()
+    assert live_config.web.reloads() == reloads + 1
+    [placed] = placed_groups(run)
+    assert placed["set_id"] == live_config.set_id and placed["changed"] is True
+    assert "Configuration put back in place: config" in messages(run, "Report the recovery")
     assert run.result("Stop the application")["_status"] == "skipped"
     assert run.result("Start the application again")["_status"] == "skipped"
     safety = run.result(SAFETY)
@@ -361,7 +458,7 @@ def test_corruption_failed_safety_backup_warns_and_failed_restore_changes_nothin
 
 # ---------------------------------------------------------------- scenario 2: server failure
 def test_server_failure_rebuilds_from_s3_with_roles_and_vault_passwords(
-    dr, pg_fingerprints, clean_server, tmp_path
+    dr, pg_fingerprints, clean_server, tmp_path, live_config
 ):
     # Quotes and a backslash: the SQL quoting must hold.
     password = "N3w'pa\\ss\"" + secrets.token_urlsafe(12)
@@ -388,10 +485,13 @@ def test_server_failure_rebuilds_from_s3_with_roles_and_vault_passwords(
         clinic_backup_app_roles=[
             {"name": dr.base_vars["clinic_backup_login_user"], "password": password}
         ],
+        # No clinic_backup_restore_file_groups: a server failure restores every group.
         clinic_backup_file_groups=[
-            {"name": "uploads", "repository": str(files_repo), "target_dir": str(restored)}
+            {"name": "uploads", "repository": str(files_repo), "target_dir": str(restored)},
+            live_config.group(),
         ],
     )
+    reloads = live_config.drift("drifted site")
     vars_file = write_private(tmp_path / "vars.json", json.dumps(extra))
     log = tmp_path / "ansible.log"
     # The operator's view: the default callback at -vvv, and Ansible's own log file.
@@ -420,6 +520,11 @@ def test_server_failure_rebuilds_from_s3_with_roles_and_vault_passwords(
         p.relative_to(restored): p.read_bytes() for p in restored.rglob("*") if p.is_file()
     } == (originals)
     assert "File groups restored: uploads" in output
+    assert "Configuration put back in place: config; reloaded: %s" % " ".join(
+        live_config.web.reload_argv
+    ) in " ".join(output.split())
+    live_config.assert_restored()
+    assert live_config.web.reloads() == reloads + 1
     user = dr.base_vars["clinic_backup_login_user"]
     conn = psycopg2.connect(
         host=clean_server.host,
@@ -452,6 +557,8 @@ def test_server_failure_rebuilds_from_s3_with_roles_and_vault_passwords(
     ):
         assert password not in text, where
         assert password.replace("'", "''") not in text, where
+        for secret in FAKE_SECRETS.values():  # the restored .env's contents
+            assert secret not in text, where
 
 
 def test_server_failure_runs_again_with_mode_replace(dr, pg_fingerprints, clean_server):
@@ -511,11 +618,38 @@ def two_sets(dr, pg) -> tuple[str, str, str, str]:
 
 
 def test_ransomware_restores_the_verified_set_from_before_the_intrusion(
-    dr, pg_fingerprints, clean_server, two_sets
+    dr, pg_fingerprints, clean_server, live_config, two_sets
 ):
     repo, older, newer, clean_before = two_sets
     target = fresh_name("clinic_db_clean")
     password = "Rotated'" + secrets.token_urlsafe(16)
+    assert helpers.manifest(live_config.repo, live_config.set_id)["finished_at"] < clean_before
+    # The intruder's configuration, backed up (and verified) after the intrusion: never used.
+    reloads = live_config.drift("intruder site")
+    intruder = (
+        dr.play_tasks(
+            [
+                {
+                    "name": "intruder config",
+                    "clinic.backup.files_backup": {
+                        "name": "config",
+                        "paths": [str(live_config.web.site), str(live_config.env_file)],
+                        "repository": str(live_config.repo),
+                        "passphrase_file": dr.base_vars["clinic_backup_passphrase_file"],
+                    },
+                },
+                {
+                    "name": "verify",
+                    "clinic.backup.backup_verify": {
+                        "repository": str(live_config.repo),
+                        "passphrase_file": dr.base_vars["clinic_backup_passphrase_file"],
+                    },
+                },
+            ]
+        )
+        .assert_ok()
+        .result("intruder config")["set_id"]
+    )
     try:
         run = dr.play(
             "dr_ransomware.yml",
@@ -527,7 +661,14 @@ def test_ransomware_restores_the_verified_set_from_before_the_intrusion(
             clinic_backup_app_roles=[
                 {"name": dr.base_vars["clinic_backup_login_user"], "password": password}
             ],
+            clinic_backup_file_groups=[live_config.group()],
+            clinic_backup_restore_file_groups=["config"],
         ).assert_ok()
+        [placed] = placed_groups(run)
+        assert placed["set_id"] == live_config.set_id
+        assert intruder in [p["set_id"] for p in placed["passed_over"]]
+        live_config.assert_restored()
+        assert live_config.web.reloads() == reloads + 1
         restore = run.result(CLEAN_RESTORE)
         assert restore["set_id"] == older
         assert newer in [p["set_id"] for p in restore["passed_over"]]

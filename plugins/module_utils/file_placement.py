@@ -883,6 +883,8 @@ def place_files(repo, options, check_mode=False, now=None, runner=None):
                 placed.append(step)
         except BaseException as exc:
             failed = _undo_all(placed)
+            if not failed and kept_root:
+                remove_tree(kept_root)
             if isinstance(exc, OSError):
                 raise StoreError(
                     "cannot place %s: %s; every placed file was put back%s"
@@ -899,6 +901,8 @@ def place_files(repo, options, check_mode=False, now=None, runner=None):
             result["validated"].append({"argv": validation["argv"], "rc": status})
             if status != 0:
                 failed = _undo_all(placed)
+                if not failed and kept_root:
+                    remove_tree(kept_root)  # every file is back as it was: no copy needed
                 shown = "output withheld (secret file)" if validation["secret"] else output
                 error = ValidationError(
                     "validation of %s failed: %s exited %d: %s; the previous files were put back "

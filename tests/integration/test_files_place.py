@@ -199,6 +199,7 @@ def test_broken_nginx_site_refused_old_config_left_serving(
     assert web.reloads() == reloads
     assert web.get() == "backed-up site"
     assert hidden_leftovers(web.site.parent, config["env"].parent) == []
+    assert not keep.exists() or list(keep.iterdir()) == []  # no copy of what is back anyway
     assert "from-the-backup" not in run.stdout + run.stderr + json.dumps(run.results)
 
 

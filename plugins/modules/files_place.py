@@ -13,8 +13,8 @@ short_description: Put a configuration file set back in place, validated before 
 version_added: 0.1.0
 description:
   - Restores one file set taken by M(clinic.backup.files_backup) (for example C(.env), the nginx site,
-    systemd units, certificates) and puts each of its paths back where it belongs, as O(place) declares:
-    owner, group, mode, a validate command and a reload command.
+    systemd units, certificates) and puts each of its paths back where it belongs, with the owner,
+    group, mode, validate command and reload command O(place) declares for it.
   - The set is restored by the same engine as M(clinic.backup.files_restore) (sha256, authentication,
     counts, safe extraction) into a private (0700) staging directory, removed whatever happens.
   - A destination already equal in content, mode and owner is left alone; when nothing differs the task

@@ -205,7 +205,7 @@ name:
   type: str
 placed:
   description:
-    - One entry per placement, with RV(placed[].state) V(created), V(replaced) or V(unchanged) (in check mode,
+    - One entry per placement, with the state V(created), V(replaced) or V(unchanged) (in check mode,
       what would happen), the type, mode, owner and group given, whether it is secret, and where the previous
       version was kept.
   returned: success

@@ -293,7 +293,10 @@ def _check_host(options):
             raise ConfigError("%s is a mount point and cannot be swapped" % dest)
         current = os.lstat(dest) if os.path.lexists(dest) else None
         uid, gid = _owner_of(placement, current)
-        if euid != 0 and (uid != euid or (placement.gid is not None and gid not in os.getgroups())):
+        if euid != 0 and (
+            uid != euid
+            or (placement.gid is not None and gid != os.getegid() and gid not in os.getgroups())
+        ):
             raise ConfigError(
                 "%s would belong to %s:%s; only root can give files away"
                 % (dest, placement.owner_name or uid, placement.group_name or gid),

@@ -416,3 +416,84 @@ def test_engine_subpackages_are_installed_and_removed_with_the_collection(host):
         shutil.rmtree(probe)
     host.play().assert_ok()
     assert not (installed / "sample.py").exists()
+
+
+def test_wal_alerts_fire_on_failing_and_stalled_archiving(host, tmp_path):
+    """ClinicWalArchiveFailing / ClinicWalArchiveStalled, evaluated by promtool on series
+    like the ones `clinic-backup wal-status` writes (issue #7)."""
+    rules_file = Path(host.vars["backup_monitoring_rules_file"])
+    doc = yaml.safe_load(rules_file.read_text())
+    rules = {r["alert"]: r for group in doc["groups"] for r in group["rules"]}
+    assert {"ClinicWalArchiveFailing", "ClinicWalArchiveStalled"} <= set(rules)
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool is not installed")
+    labels = 'cluster="main",operation="wal",instance="db1"'
+    series = [
+        # Failing: the last failure (t=600) is newer than the last success (t=0).
+        ("clinic_backup_wal_last_archived_timestamp_seconds{%s}" % labels, "0+0x30"),
+        ("clinic_backup_wal_last_failed_timestamp_seconds{%s}" % labels, "600+0x30"),
+        # Stalled: 3 files waiting, nothing archived for 1000 s (> 900).
+        ("clinic_backup_wal_pending_segments{%s}" % labels, "3+0x30"),
+        ("clinic_backup_wal_last_archived_age_seconds{%s}" % labels, "1000+0x30"),
+        ("clinic_backup_wal_status_timestamp_seconds{%s}" % labels, "0+60x30"),
+        # A healthy cluster next to it: never alerts.
+        (
+            'clinic_backup_wal_last_archived_timestamp_seconds{cluster="ok",operation="wal",instance="db2"}',
+            "900+0x30",
+        ),
+        (
+            'clinic_backup_wal_last_failed_timestamp_seconds{cluster="ok",operation="wal",instance="db2"}',
+            "600+0x30",
+        ),
+        (
+            'clinic_backup_wal_pending_segments{cluster="ok",operation="wal",instance="db2"}',
+            "1+0x30",
+        ),
+        (
+            'clinic_backup_wal_last_archived_age_seconds{cluster="ok",operation="wal",instance="db2"}',
+            "30+0x30",
+        ),
+        (
+            'clinic_backup_wal_status_timestamp_seconds{cluster="ok",operation="wal",instance="db2"}',
+            "0+60x30",
+        ),
+    ]
+    expected = {"cluster": "main", "operation": "wal", "instance": "db1", "severity": "critical"}
+    test = {
+        "rule_files": [str(rules_file)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": name,
+                        "exp_alerts": [
+                            {
+                                "exp_labels": expected,
+                                "exp_annotations": dict(
+                                    rules[name]["annotations"],
+                                    **{
+                                        k: v.replace("{{ $labels.cluster }}", "main").replace(
+                                            "{{ $labels.instance }}", "db1"
+                                        )
+                                        for k, v in rules[name]["annotations"].items()
+                                    },
+                                ),
+                            }
+                        ],
+                    }
+                    for name in ("ClinicWalArchiveFailing", "ClinicWalArchiveStalled")
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "wal_alerts_test.yml"
+    test_file.write_text(yaml.safe_dump(test))
+    result = subprocess.run(
+        [promtool, "test", "rules", str(test_file)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

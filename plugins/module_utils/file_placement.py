@@ -900,7 +900,11 @@ def place_files(repo, options, check_mode=False, now=None, runner=None):
                 ) from exc
             raise
         for validation in validations:
-            status, output = runner(validation["argv"], options.command_timeout)
+            try:
+                status, output = runner(validation["argv"], options.command_timeout)
+            except BaseException:
+                _undo_all(placed)  # interrupted before every validation passed: put back
+                raise
             result["validated"].append({"argv": validation["argv"], "rc": status})
             if status != 0:
                 failed = _undo_all(placed)

@@ -27,6 +27,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.file_placement impor
     PlacementOptions,
     ValidationError,
     place_files,
+    run_command,
 )
 
 from . import faultlib
@@ -139,3 +140,50 @@ def test_failed_validation_puts_every_file_back_and_reloads_nothing(
         assert "server {" in message  # not a secret: the validator's words are shown
     else:
         assert "output withheld (secret file)" in message
+
+
+def test_interrupted_validation_puts_every_file_back(
+    passphrase_file, repo_dir, tmp_path, summary_row
+):
+    """Ctrl-C (or any exception) while a validation runs: nothing new stays in place."""
+    row = summary_row("failed validation during configuration restore")
+    files = make_config_files(tmp_path / "host")
+    repo = faultlib.local_repository(repo_dir)
+    run_file_backup(
+        [repo],
+        FileBackupOptions(
+            "config", [str(files["nginx"]), str(files["env"])], passphrase_file=str(passphrase_file)
+        ),
+    )
+    files["nginx"].write_text("server { listen 127.0.0.1:8080; }\n")
+    files["env"].write_text("SECRET_KEY=live\n")
+    destinations = [files["nginx"], files["env"]]
+    before = snapshot(destinations)
+    calls = []
+
+    def interrupted(argv, timeout):
+        calls.append(argv)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_command(argv, timeout)
+
+    options = PlacementOptions(
+        "config",
+        [
+            {"path": str(files["nginx"]), "validate": ["test", "-s", "{path}"]},
+            {"path": str(files["env"]), "validate": ["test", "-f", "{path}"]},
+        ],
+        keep_dir=str(tmp_path / "kept"),
+        work_dir=str(tmp_path / "work"),
+        passphrase_file=str(passphrase_file),
+    )
+    row.run()
+    with pytest.raises(KeyboardInterrupt):
+        place_files(repo, options, runner=interrupted)
+    left = beside(destinations) + os.listdir(tmp_path / "work")
+    recovered = snapshot(destinations) == before and not left
+    row.add("leftovers", len(left))
+    row.add("recovered", recovered)
+    assert len(calls) == 2
+    assert snapshot(destinations) == before
+    assert left == []

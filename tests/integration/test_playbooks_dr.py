@@ -306,8 +306,9 @@ class LiveConfig:
 
 @pytest.fixture(scope="module")
 def live_config(dr) -> Iterator[LiveConfig]:
+    # Not a skip: the scenario tests themselves would vanish with it.
     if not Nginx.available():
-        pytest.skip("nginx is not installed (scripts/bootstrap.sh installs nginx-light)")
+        pytest.fail("nginx is not installed: run scripts/bootstrap.sh (it installs nginx-light)")
     root = dr.work / "live-config"
     web = Nginx(root / "nginx")
     web.write_config("backed-up site")

@@ -1227,6 +1227,24 @@ def ready_files(wal_dir, spool):
 PUSH_LINGER_SECONDS = 3.0
 
 
+def _remove_stale_temps(repos, cluster, spool, every_seconds=3600):
+    """Once an hour: temp files of killed writes in the local archive (never listed, but
+    they take space)."""
+    marker = os.path.join(spool, ".temps-checked")
+    try:
+        if time.time() - os.stat(marker).st_mtime < every_seconds:
+            return
+    except OSError:
+        pass
+    for repo in repos:
+        try:
+            repo.remove_stale_temp_objects(cluster_prefix(cluster))
+        except (OSError, StoreError):
+            pass
+    with open(marker, "w"):
+        pass
+
+
 def run_push_worker(config_path, wal_dir):
     """Push every .ready file of ``wal_dir`` with wal.workers threads, writing each one's
     .ok (after it is stored in every repository) or .error. Exits when idle, or after a
@@ -1254,6 +1272,7 @@ def run_push_worker(config_path, wal_dir):
                 repo.ensure_layout()
         cluster = config.get("cluster") or "main"
         workers = max(1, int(walspool.wal_settings(config).get("workers") or 1))
+        _remove_stale_temps(repos, cluster, spool)
 
         def push_one(name):
             path = os.path.join(wal_dir, name)

@@ -60,8 +60,9 @@ class WalBed:
         wal: dict[str, Any] | None = None,
         settings: dict[str, Any] | None = None,
         s3_retries: int = 2,
+        segment_mb: int = 1,
     ) -> None:
-        self.cluster = PostgresCluster(initdb_args=("--wal-segsize=1",))
+        self.cluster = PostgresCluster(initdb_args=("--wal-segsize=%d" % segment_mb,))
         base = Path(self.cluster.base)
         self.uid, self.gid = base.stat().st_uid, base.stat().st_gid
         self.home = base / "clinic"

@@ -484,6 +484,14 @@ class LocalRepository(object):
                 return None
             raise _store_error("read", target, exc) from exc
 
+    def object_size(self, path):
+        """Size of the object at ``path``, or None when there is none."""
+        try:
+            info = os.lstat(self.object_location(path))
+        except OSError:
+            return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+
     def list_objects(self, prefix):
         """{path: size} of every object under ``prefix`` (recursively; temp files of
         interrupted writes are not objects)."""
@@ -774,6 +782,11 @@ class S3Repository(object):
     def read_object(self, path):
         """The bytes at ``path``, or None when there is no such object."""
         return s3util.get_bytes_if_exists(self.client, self.bucket, self.object_key(path))
+
+    def object_size(self, path):
+        """Size of the object at ``path``, or None when there is none."""
+        info = s3util.object_info(self.client, self.bucket, self.object_key(path))
+        return None if info is None else info.get("ContentLength")
 
     def list_objects(self, prefix):
         """{path: size} of every object under ``prefix``."""

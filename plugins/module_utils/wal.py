@@ -882,8 +882,20 @@ def push_wal(repositories, cluster, path, session):
                 "cluster reuses the old timeline: give each its own cluster name",
             )
         if problem is None:
-            already.append(repo.url)
-        else:
+            # The record alone is not the file: a stored file deleted or cut short since
+            # must not let "already archived" pass.
+            try:
+                stored_size = repo.object_size(
+                    record_path.rsplit("/", 1)[0] + "/" + record["stored"]["file"]
+                )
+            except StoreError as exc:
+                failures[repo.url] = exc
+                continue
+            if stored_size == record["stored"]["size"]:
+                already.append(repo.url)
+                continue
+            problem = "its stored file is missing or of another size"
+        if problem is not None:
             warnings.append(
                 "%s: replacing an unusable record of %s (%s)" % (repo.url, wal.name, problem)
             )

@@ -111,6 +111,12 @@ def test_same_content_again_succeeds_other_content_fails_loudly(archive):
     wal.push_wal([repo], "main", str(path), session)
     again = wal.push_wal([repo], "main", str(path), session)
     assert again["already_archived"] == [repo.url]
+    # A record whose stored file is gone is not "already archived": the file is stored again.
+    record = wal.list_wal(repo, "main", session.key)[0]
+    Path(repo.object_location(record.stored_path)).unlink()
+    third = wal.push_wal([repo], "main", str(path), session)
+    assert third["already_archived"] == [] and third["stored_in"] == [repo.url]
+    assert wal.list_wal(repo, "main", session.key, deep=True)[0].problem is None
     make_segment(tmp, "000000010000000000000001", 2)
     with pytest.raises(IntegrityError, match="different content"):
         wal.push_wal([repo], "main", str(path), session)

@@ -10,6 +10,9 @@ retention (prune by the config's "retention" policy), and for a file group's con
 (name + paths: uploads, configuration) files-backup and files-restore-test; and
 status (read-only: a table per database and file group of one or more configs,
 ``--config A --config B`` or ``--config-dir /etc/clinic-backup``; ``--json`` for machines).
+WAL archiving (a cluster's config: ``cluster`` + ``wal``): ``wal-push --config FILE %p``
+(archive_command), ``wal-fetch --config FILE %f %p`` (restore_command: 1 = not archived,
+126 = damaged, forged or a gap: PostgreSQL stops recovery), ``wal-status`` (metrics).
 
 The config file is JSON whose keys are the modules' parameters (the role
 renders it from the same variables), so there is one vocabulary and one

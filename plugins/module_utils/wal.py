@@ -1292,7 +1292,10 @@ def run_push_worker(config_path, wal_dir):
                 identity = walspool.file_identity(os.stat(path))
                 push_wal(repos, cluster, path, session)
             except FileNotFoundError:
-                return True  # PostgreSQL removed it: nothing to report
+                # A .ready without its file: PostgreSQL removes such orphans itself; the
+                # status keeps this worker from picking it up again and again.
+                walspool.write_status(spool, name, "error", {"msg": "%s is gone" % path})
+                return True
             except Exception as exc:  # every failure must reach the foreground call
                 walspool.write_status(spool, name, "error", {"msg": _one_line(exc)})
                 return False

@@ -293,3 +293,49 @@ def test_wal_metrics(tmp_path):
     text = Path(path).read_text()
     # Every metric's samples are together, after its one HELP/TYPE.
     assert text.count("# TYPE clinic_backup_wal_repository_files") == 1
+
+
+def test_push_worker_pushes_every_ready_file_and_stops(tmp_path, monkeypatch):
+    """The background worker: every .ready file stored and marked .ok (with its identity),
+    an orphan .ready (file gone) marked .error instead of being retried forever, status files
+    of files PostgreSQL already marked .done removed, and the worker exits when idle."""
+    monkeypatch.setattr(wal, "PUSH_LINGER_SECONDS", 0.2)
+    repo_dir = tmp_path / "repo"
+    repo_dir.mkdir(mode=0o700)
+    passphrase = write_passphrase_file(tmp_path / "passphrase")
+    spool = tmp_path / "spool"
+    config = {
+        "cluster": "main",
+        "repository": str(repo_dir),
+        "passphrase_file": str(passphrase),
+        "wal": {"spool_dir": str(spool), "workers": 2},
+    }
+    config_path = tmp_path / "agent.json"
+    config_path.write_text(json.dumps(config))
+    pg_wal = tmp_path / "pg_wal"
+    status = pg_wal / "archive_status"
+    status.mkdir(parents=True)
+    names = wal.segments_between("000000010000000000000001", "000000010000000000000003")
+    for index, name in enumerate(names):
+        make_segment(pg_wal, name, index)
+        (status / (name + ".ready")).touch()
+    (status / "000000010000000000000009.ready").touch()  # orphan: no file
+    walspool.make_spool(str(spool))
+    walspool.write_status(str(spool), "000000010000000000000000", "ok", {})  # already .done
+    assert wal.run_push_worker(str(config_path), str(pg_wal)) == 0
+    for name in names:
+        done = walspool.read_status(walspool.status_path(str(spool), name, "ok"))
+        assert done == walspool.file_identity((pg_wal / name).stat())
+    orphan = walspool.read_status(
+        walspool.status_path(str(spool), "000000010000000000000009", "error")
+    )
+    assert "gone" in orphan["msg"]
+    assert (
+        walspool.read_status(walspool.status_path(str(spool), "000000010000000000000000", "ok"))
+        is None
+    )
+    key = RecordKey.from_file(str(passphrase))
+    assert [r.name for r in wal.list_wal(LocalRepository(str(repo_dir)), "main", key)] == names
+    # The foreground answers from the spool: 0 for each file, without pushing anything.
+    for name in names:
+        assert walspool.push_foreground(str(config_path), config, str(pg_wal / name)) == 0

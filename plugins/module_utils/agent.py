@@ -54,6 +54,7 @@ import traceback
 from .audit import AuditLog, verify_chain
 from .authentication import RecordKey
 from .backup import BackupOptions, run_backup
+from .basebackup import BaseBackupOptions, add_recovery_windows, run_base_backup
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, LockedError
 from .file_backup import FileBackupOptions, run_file_backup
@@ -519,9 +520,14 @@ def cmd_list(config, args):
     sets = []
     key = RecordKey.from_file(config.get("passphrase_file"), config.get("old_passphrase_files"))
     for repo in repositories(config, False):
+        # The config's database and, when it names one, its cluster's base backups.
+        names = {config.get("database"), config.get("cluster")} - {None}
+        entries = [
+            e for e in list_catalog(repo, key=key) if not names or e.get("database") in names
+        ]
         sets.extend(
             {k: v for k, v in e.items() if k != "manifest"}
-            for e in list_catalog(repo, config.get("database"), key=key)
+            for e in add_recovery_windows(repo, entries, key)
         )
     return {"sets": sets}
 
@@ -544,7 +550,7 @@ def cmd_retention(config, args):
         "changed": any(r["changed"] for r in results),
         "deleted": [i for r in results for i in r["deleted"]],
         "repositories": [
-            {k: r[k] for k in ("repository", "kept", "deleted", "corrupt", "warnings")}
+            {k: r.get(k) for k in ("repository", "kept", "deleted", "corrupt", "warnings", "wal")}
             for r in results
         ],
     }
@@ -680,8 +686,40 @@ def cmd_wal_status(config, args):
     return result
 
 
+# A base backup takes the cluster's own settings: no dump format, tables or globals.
+BASEBACKUP_OPTION_KEYS = (
+    "compression",
+    "compression_level",
+    "compression_threads",
+    "encrypt",
+    "passphrase_file",
+    "pg_bin_dir",
+    "label",
+    "stale_seconds",
+)
+
+
+def cmd_basebackup(config, args):
+    """A base backup set of the config's ``cluster`` (pg_basebackup streamed into every
+    repository); the WAL that makes it restorable is archived by wal-push."""
+    if not config.get("cluster"):
+        raise ConfigError(
+            "basebackup needs the config key cluster (the PostgreSQL instance's name)",
+            'add e.g. "cluster": "main" (the role pg_wal_archiving writes it)',
+        )
+    options = BaseBackupOptions(
+        config["cluster"],
+        **{k: config[k] for k in BASEBACKUP_OPTION_KEYS if config.get(k) is not None},
+    )
+    # Any database reaches the cluster; the replication connection names none.
+    dbname = None if config.get("database") or config.get("database_url") else "postgres"
+    connection = connection_from_params(config, dbname=dbname)
+    return run_base_backup(connection, repositories(config, True), options)
+
+
 COMMANDS = {
     "audit-verify": cmd_audit_verify,
+    "basebackup": cmd_basebackup,
     "backup": cmd_backup,
     "verify": cmd_verify,
     "list": cmd_list,
@@ -703,8 +741,10 @@ METRIC_JOBS = {
     "retention": "retention",
     "files-backup": "backup",
     "files-restore-test": "restore_test",
+    # Its own metrics: a weekly base backup must not trip the nightly backup's age alert.
+    "basebackup": "basebackup",
 }
-AUDIT_ACTIONS = METRIC_JOBS
+AUDIT_ACTIONS = dict(METRIC_JOBS, basebackup="backup")
 
 
 # Where status looks for the restore-test metrics without --metrics-dir: the
@@ -930,6 +970,8 @@ def main(argv=None):
     try:
         config = load_config(args.config)
         database = database_name(config)
+        if args.command == "basebackup" and isinstance(config.get("cluster"), str):
+            database = config["cluster"]
         check_config(config)
         wait = lock_wait(config, args.lock_wait)
         result = run_waiting(COMMANDS[args.command], config, args, wait)

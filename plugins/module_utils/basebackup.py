@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 
-from . import pipeline
+from . import pipeline, wal
 from .catalog import load_manifest
 from .errors import BackupError, ConfigError, IntegrityError, SourceError
 from .file_restore import FileTarExtractor, remove_tree
@@ -1164,3 +1164,114 @@ def restore_base_backup(repositories, options, check_mode=False):
         )
         or "run clinic-backup basebackup first",
     )
+
+
+# ---------------------------------------------------------------------- WAL of a base backup
+def _segment_size(manifest):
+    size = manifest.get("wal_segment_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def newest_segment(records):
+    """The newest usable archived segment (WalRecord), or None."""
+    segments = [r for r in records if r.kind == "segment" and r.problem is None]
+    return segments[-1] if segments else None
+
+
+def wal_continuity(manifest, records):
+    """(missing names with why, first, last) of the WAL a base backup needs to be
+    restored to the newest archived segment: from its start_wal on (at least to its
+    stop_wal), following timeline switches through their history files."""
+    first, stop = manifest.get("start_wal"), manifest.get("stop_wal")
+    newest = newest_segment(records)
+    last = stop
+    if newest is not None and (
+        (newest.timeline, newest.log, newest.seg) > wal.parse_wal_name(stop)[:3]
+    ):
+        last = newest.name
+    missing = wal.check_continuity(records, first, last, _segment_size(manifest))
+    problems = {r.name: r.problem for r in records if r.problem}
+    named = [
+        "%s (%s)" % (name, problems[name]) if name in problems else "%s (not archived)" % name
+        for name in missing
+    ]
+    return named, first, last
+
+
+def recovery_window(manifest, records):
+    """{"earliest": the base backup's stop_time, "latest": archived_at of the last
+    segment of the unbroken run of WAL from its start_wal, "latest_wal"}; "latest" is
+    None (with "problem") when the WAL up to stop_wal is not all archived. Follows the
+    base backup's own timeline."""
+    window = {"earliest": manifest.get("stop_time"), "latest": None, "latest_wal": None}
+    usable = {r.name: r for r in records if r.problem is None and r.kind == "segment"}
+    size = _segment_size(manifest) or wal.DEFAULT_SEGMENT_SIZE
+    try:
+        name, stop = manifest["start_wal"], wal.parse_wal_name(manifest["stop_wal"])
+        last = None
+        while name in usable:
+            last = usable[name]
+            name = wal.segment_after(name, size)
+    except (KeyError, ConfigError) as exc:
+        window["problem"] = "the manifest names no usable start_wal/stop_wal: %s" % exc
+        return window
+    if last is None or (last.log, last.seg) < (stop.log, stop.seg):
+        window["problem"] = "WAL %s is not archived: this base backup cannot be made consistent" % (
+            name
+        )
+        return window
+    window["latest"] = isoformat(last.archived_at) if last.archived_at else None
+    window["latest_wal"] = last.name
+    return window
+
+
+def add_recovery_windows(repo, entries, key):
+    """Give every complete base backup entry of ``entries`` (catalog entries of ``repo``)
+    its ``recovery_window``; the WAL of each cluster is listed once."""
+    listed = {}
+    for entry in entries:
+        manifest = entry.get("manifest") or {}
+        if entry.get("state") != "complete" or manifest.get("kind") != KIND:
+            continue
+        cluster = manifest.get("cluster") or manifest.get("database")
+        if cluster not in listed:
+            try:
+                listed[cluster] = wal.list_wal(repo, cluster, key)
+            except BackupError as exc:
+                listed[cluster] = exc
+        records = listed[cluster]
+        if isinstance(records, BackupError):
+            entry["recovery_window"] = {
+                "earliest": manifest.get("stop_time"),
+                "latest": None,
+                "problem": "the WAL could not be listed: %s" % records,
+            }
+        else:
+            entry["recovery_window"] = recovery_window(manifest, records)
+    return entries
+
+
+def prune_unneeded_wal(repo, kept_manifests, key, check_mode=False):
+    """After retention: per cluster, delete the WAL before the start_wal of its kept base
+    backup that starts earliest (never a segment a kept base backup needs); returns
+    [{"cluster", "first_needed", "deleted", "kept"}]."""
+    firsts = {}
+    for manifest in kept_manifests:
+        if manifest.get("kind") != KIND:
+            continue
+        try:
+            start = wal.parse_wal_name(manifest["start_wal"])
+        except (KeyError, ConfigError):
+            continue  # names no WAL: protects none, and must not lead to deleting any
+        cluster = manifest.get("cluster") or manifest["database"]
+        order = (start.log, start.seg, start.timeline)
+        if cluster not in firsts or order < firsts[cluster][0]:
+            firsts[cluster] = (order, start.name)
+    results = []
+    for cluster in sorted(firsts):
+        first = firsts[cluster][1]
+        deleted, kept = wal.prune_wal_before(repo, cluster, first, key, check_mode)
+        results.append(
+            {"cluster": cluster, "first_needed": first, "deleted": deleted, "kept": kept}
+        )
+    return results

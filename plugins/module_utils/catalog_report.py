@@ -92,6 +92,9 @@ def summarize(entry, now, include_manifest=False):
     out = {k: entry.get(k) for k in SUMMARY_FIELDS}
     out["age_hours"] = age_hours(entry, now)
     out["row_counts"] = row_count_summary(entry.get("manifest"))
+    if "recovery_window" in entry:  # a base backup: how far its WAL reaches
+        out["kind"] = "basebackup"
+        out["recovery_window"] = entry["recovery_window"]
     if include_manifest:
         out["manifest"] = entry.get("manifest")
     return out

@@ -26,6 +26,10 @@ Whatever the policy, these safety rules hold for each database separately:
 * corrupt entries (a manifest that does not parse) are reported, never touched;
 * a plan that would leave a database without any complete set is refused.
 
+Base backups (kind ``basebackup``) are sets of their cluster's name and follow the same
+policy; after the sets, the cluster's WAL older than the start_wal of its earliest kept
+base backup is deleted (never a segment a kept base backup needs, never a history file).
+
 Verification ``failed`` does not by itself make a set deletable: verify also fails
 sets for their age or an unusual size, which says nothing about their content.
 
@@ -42,6 +46,7 @@ import datetime
 
 from . import file_chain
 from .authentication import UNSEALED
+from .basebackup import prune_unneeded_wal
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, StoreError
 from .locking import RunLock, lock_path_for
@@ -412,7 +417,15 @@ def _apply_locked(
         "warnings": warnings,
         "check_mode": bool(check_mode),
     }
+    kept_ids = set(result["kept"])
+    kept_manifests = [
+        e["manifest"]
+        for e in entries
+        if e["id"] in kept_ids and database in (None, e.get("database"))
+    ]
     if check_mode:
+        result["wal"] = prune_unneeded_wal(repo, kept_manifests, key, check_mode=True)
+        result["changed"] = result["changed"] or any(w["deleted"] for w in result["wal"])
         return result
     done = []
     try:
@@ -434,5 +447,10 @@ def _apply_locked(
     result["incomplete_removed"] = list(
         repo.cleanup_incomplete(older_than_seconds=stale_seconds) or []
     )
-    result["changed"] = bool(to_delete or result["incomplete_removed"])
+    # Sets first, then the WAL only the deleted base backups needed: a run that dies
+    # in between leaves WAL nobody needs, never a base backup without its WAL.
+    result["wal"] = prune_unneeded_wal(repo, kept_manifests, key)
+    result["changed"] = bool(
+        to_delete or result["incomplete_removed"] or any(w["deleted"] for w in result["wal"])
+    )
     return result

@@ -17,7 +17,7 @@ import os
 import subprocess
 import tempfile
 
-from . import authentication, file_chain, pipeline, sqlguard
+from . import authentication, basebackup, file_chain, pipeline, sqlguard, wal
 from .catalog import list_catalog, load_manifest, manifest_authentication
 from .errors import BackupError, ConfigError, IntegrityError
 from .lifecycle import check_readable_now
@@ -29,6 +29,7 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 PLAIN_TRAILER = b"PostgreSQL database dump complete"
 GLOBALS_TRAILER = b"PostgreSQL database cluster dump complete"
 FILES_CONTENT = "files-tar"  # a file set's archive (file_backup.py)
+BASE_CONTENT = "pg_basebackup-tar"  # a base backup's data directory (basebackup.py)
 
 
 class Check(object):
@@ -65,7 +66,7 @@ def _content_reader(content, bin_dir):
     """argv of the program that parses the decrypted, decompressed artifact, or None."""
     if content == "pg_dump-custom":
         return [os.path.join(bin_dir, "pg_restore"), "--list"]
-    if content in ("pg_dump-directory-tar", FILES_CONTENT):
+    if content in ("pg_dump-directory-tar", FILES_CONTENT, BASE_CONTENT):
         # --numeric-owner: owner names may contain spaces, which would shift the
         # whitespace-split fields of each line and hide the member name from the checks.
         return [pipeline.which_or_fail("tar", "tar"), "--numeric-owner", "-tvf", "-"]
@@ -134,7 +135,7 @@ class ParserConsumer(object):
             return
         # tar -tv: the name is the last field; "x -> y" marks a link.
         fields = line.split(None, 5)
-        if len(fields) == 6 and self.content == FILES_CONTENT:
+        if len(fields) == 6 and self.content in (FILES_CONTENT, BASE_CONTENT):
             self._file_member(line[:1], fields[5])
             return
         if len(fields) == 6:
@@ -183,10 +184,40 @@ def _check_files(consumer, expected):
     return OK, "tar archive lists %d members (%d files)" % (len(consumer.names), consumer.regular)
 
 
+def _check_base(consumer, expected):
+    """Judge a base backup's listing (``expected``: the manifest's ``tar`` record): safe
+    names, plain files and directories only, backup_label and the server's manifest."""
+    for name in consumer.names:
+        why = unsafe_member(name)
+        if why:
+            return FAIL, "tar member %r is unsafe (%s)" % (name, why)
+    for name, _target in consumer.links:
+        return FAIL, "tar member %r is a link: a base backup restore refuses it" % name
+    for name, kind in consumer.odd:
+        return FAIL, "tar member %r is unsafe (type %r)" % (name, kind)
+    for needed in ("backup_label", "backup_manifest"):
+        if needed not in consumer.names:
+            return FAIL, "the base backup holds no %s: it cannot be %s" % (
+                needed,
+                "started" if needed == "backup_label" else "checked with pg_verifybackup",
+            )
+    files = expected.get("files") if isinstance(expected, dict) else None
+    if files is not None and consumer.regular != files:
+        return FAIL, "tar archive lists %d files, the manifest records %s" % (
+            consumer.regular,
+            files,
+        )
+    return OK, "tar archive lists %d files including backup_label and backup_manifest" % (
+        consumer.regular
+    )
+
+
 def _check_content(content, consumer, expected_files=None):
     """Judge what the parser saw; return (status, detail)."""
     if content == FILES_CONTENT:
         return _check_files(consumer, expected_files)
+    if content == BASE_CONTENT:
+        return _check_base(consumer, expected_files)
     if content == file_chain.INDEX_CONTENT:
         return consumer.judge()
     if content == "pg_dump-custom":
@@ -292,7 +323,8 @@ def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep
                 )
             )
         else:
-            status, detail = _check_content(artifact["content"], consumer, manifest.get("files"))
+            expected = manifest.get("tar" if artifact["content"] == BASE_CONTENT else "files")
+            status, detail = _check_content(artifact["content"], consumer, expected)
             checks.append(Check("readable", status, "%s: %s" % (name, detail), name))
     return checks
 
@@ -306,7 +338,7 @@ def _median(values):
 def size_check(repo, manifest, tolerance_percent, history=7, key=None):
     """Compare the database artifact (a file set's archive) with the median of recent sets
     of the same kind."""
-    main = "files" if manifest.get("kind") == "files" else "database"
+    main = {"files": "files", "basebackup": "base"}.get(manifest.get("kind"), "database")
 
     def db_size(m):
         return sum(a["size"] for a in m["artifacts"] if a["name"] == main)
@@ -406,8 +438,9 @@ def verify_set(
         # After a rotation, the passphrase the set was sealed (and encrypted) with.
         gpg_session = pipeline.GpgSession(key.passphrase_for(manifest))
     try:
-        # A file set needs tar, not PostgreSQL's tools (a web host may have none).
-        needs_pg = deep and manifest.get("kind") != "files"
+        # File sets and base backups need tar, not PostgreSQL's tools (a web host may
+        # have none).
+        needs_pg = deep and manifest.get("kind") not in ("files", "basebackup")
         bin_dir = find_pg_bin_dir(None, pg_bin_dir) if needs_pg else None
         for artifact in manifest["artifacts"]:
             checks.extend(
@@ -419,6 +452,8 @@ def verify_set(
     chain = file_chain.chain_check(repo, manifest, key)
     if chain is not None:
         checks.append(Check("chain", chain[0], chain[1]))
+    if manifest.get("kind") == "basebackup":
+        checks.append(_wal_check(repo, manifest, key, deep))
     if max_age_hours:
         age = (now - parse_time(manifest["finished_at"])).total_seconds() / 3600.0
         status = OK if age <= max_age_hours else FAIL
@@ -428,6 +463,34 @@ def verify_set(
     if size_tolerance_percent:
         checks.append(size_check(repo, manifest, size_tolerance_percent, key=key))
     return _finish(repo, set_id, checks, record, now, manifest, key)
+
+
+def _wal_check(repo, manifest, key, deep):
+    """WAL continuity of a base backup in this repository: every segment from its
+    start_wal to the newest archived one is there and usable (``deep``: its sha256 read
+    back too); each gap is named."""
+    cluster = manifest.get("cluster") or manifest["database"]
+    try:
+        records = wal.list_wal(repo, cluster, key, deep=deep)
+        missing, first, last = basebackup.wal_continuity(manifest, records)
+    except (ConfigError, IntegrityError) as exc:
+        return Check(
+            "wal_continuity", FAIL, "the WAL of cluster %r cannot be checked: %s" % (cluster, exc)
+        )
+    if missing:
+        return Check(
+            "wal_continuity",
+            FAIL,
+            "%d WAL file(s) missing or unusable between %s and %s: %s%s"
+            % (
+                len(missing),
+                first,
+                last,
+                "; ".join(missing[:20]),
+                " ..." if len(missing) > 20 else "",
+            ),
+        )
+    return Check("wal_continuity", OK, "WAL continuous from %s to %s" % (first, last))
 
 
 def _authentication_check(manifest, key, allow_unauthenticated):

@@ -197,6 +197,20 @@ sets:
       description: Summary of the per-table row counts in the manifest (V(tables) counted, total V(rows)), or null.
       type: dict
       sample: {"tables": 12, "rows": 48210}
+    kind:
+      description: V(basebackup) for a base backup of a whole cluster (RV(sets[].database) is the cluster's name).
+      type: str
+      returned: for base backups
+    recovery_window:
+      description:
+        - How far a base backup reaches with the WAL archived in the same repository. V(earliest) is
+          the time its backup stopped (no earlier point can be recovered from it), V(latest) the
+          archive time of the last segment of the unbroken run of WAL from its start (V(latest_wal)).
+        - V(latest) is null, with V(problem), when the WAL the backup itself needs is not all archived.
+      type: dict
+      returned: for base backups
+      sample: {"earliest": "2026-12-03T02:00:41.112000Z", "latest": "2026-12-03T14:05:00.020000Z",
+               "latest_wal": "000000010000000A00000042"}
     stale:
       description: Whether the set finished longer than O(max_age_hours) ago.
       type: bool
@@ -261,6 +275,9 @@ repositories:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
+from ansible_collections.clinic.backup.plugins.module_utils.basebackup import (
+    add_recovery_windows,
+)
 from ansible_collections.clinic.backup.plugins.module_utils.catalog import list_catalog
 from ansible_collections.clinic.backup.plugins.module_utils.catalog_report import (
     build_report,
@@ -315,7 +332,9 @@ def main():
         check_options(params["limit"], params["max_age_hours"])
         repos = repositories_from_params(params)
         key = RecordKey.from_file(params["passphrase_file"], params["old_passphrase_files"])
-        entries = merge_entries(*(list_catalog(repo, key=key) for repo in repos))
+        entries = merge_entries(
+            *(add_recovery_windows(repo, list_catalog(repo, key=key), key) for repo in repos)
+        )
         report = build_report(
             entries,
             utc_now(),

@@ -1,159 +1,166 @@
-"""Base backups as sets (basebackup.py) against a real cluster that archives its WAL.
+"""Base backups as sets (basebackup.py, agent ``basebackup``) against a real cluster that
+archives its WAL through the agent's wal-push into a local repository and moto S3.
 
-One module-scoped cluster runs with archive_mode on. Until the agent's wal-push is
-wired in here, its archive_command is a plain copy into a temporary directory: test
-set-up only, it is what restore_command reads back below.
-
-Proved here: a base backup set lands in a local repository and in (moto) S3 with the
-contract's manifest fields, and the server's backup_manifest rides inside it;
-restore_base_backup extracts a data directory that pg_verifybackup accepts and that
-starts, replays archived WAL written after the backup, and promotes; a non-empty
-data_dir is refused without a change; a server without archiving is refused.
+Proved here: ``clinic-backup basebackup`` (run as the server's account, as cron would)
+stores a sealed base backup set in both repositories with the contract's manifest
+fields, the server's backup_manifest riding inside it; verify checks it and the WAL
+from its start_wal to the newest archived segment, naming a gap; the catalog gives it
+a recovery window; restore_base_backup from S3 extracts a data directory that
+pg_verifybackup accepts and that starts, replays WAL archived after the backup through
+wal-fetch, and promotes; a non-empty data_dir is refused without a change; a server
+without archiving is refused; retention keeps the WAL a kept base backup needs and
+prunes the older WAL.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import os
-import re
+import shlex
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
-from testbed.pg import PostgresCluster
+from testbed.files import write_passphrase_file
+from testbed.pg import PostgresCluster, PostgresError
+from testbed.s3 import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY
+from testbed.walbed import WalBed
 
-from ansible_collections.clinic.backup.plugins.module_utils import basebackup
+from ansible_collections.clinic.backup.plugins.module_utils import basebackup, wal
 from ansible_collections.clinic.backup.plugins.module_utils.basebackup import (
     BaseBackupOptions,
     BaseRestoreOptions,
+    add_recovery_windows,
     restore_base_backup,
     run_base_backup,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.catalog import list_catalog
-from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError
-from ansible_collections.clinic.backup.plugins.module_utils.pgsource import PgConnection
-from ansible_collections.clinic.backup.plugins.module_utils.repository import (
-    LocalRepository,
-    S3Repository,
+from ansible_collections.clinic.backup.plugins.module_utils.errors import (
+    ConfigError,
+    IntegrityError,
 )
-from ansible_collections.clinic.backup.plugins.module_utils.s3 import make_client
+from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
+    local_repository,
+    s3_repository,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.pgsource import PgConnection
+from ansible_collections.clinic.backup.plugins.module_utils.repository import LocalRepository
+from ansible_collections.clinic.backup.plugins.module_utils.retention import (
+    RetentionPolicy,
+    apply_retention,
+)
+from ansible_collections.clinic.backup.plugins.module_utils.verify import verify_set
 
 pytestmark = pytest.mark.integration
 
-HBA_REPLICATION = "local replication all trust\nhost replication postgres 127.0.0.1/32 trust\n"
-
 
 def allow_replication(cluster: PostgresCluster) -> None:
-    """The test bed's pg_hba.conf has no replication lines: pg_basebackup needs one."""
+    """The test bed's pg_hba.conf has no replication line: pg_basebackup needs one."""
     with open(os.path.join(cluster.data_dir, "pg_hba.conf"), "a") as handle:
-        handle.write(HBA_REPLICATION)
+        handle.write("local replication all trust\nhost replication postgres 127.0.0.1/32 trust\n")
     cluster.psql("SELECT pg_reload_conf();")
 
 
 @pytest.fixture(scope="module")
-def archiving_pg() -> PostgresCluster:
-    cluster = PostgresCluster()
-    # Inside the cluster's own directory: the server's account can reach it.
-    archive = Path(cluster.base, "archive")
-    archive.mkdir()
-    archive.chmod(0o777)
-    cluster.archive_dir = archive
-    cluster.settings.update(
-        {
-            "archive_mode": True,
-            "archive_command": f"test ! -f {archive}/%f && cp %p {archive}/%f",
-        }
+def bed(s3):
+    bucket = "basebackup-bed"
+    s3.create_bucket(bucket)
+    with WalBed(s3_endpoint=s3.endpoint_url, bucket=bucket) as walbed:
+        allow_replication(walbed.cluster)
+        walbed.cluster.psql("CREATE TABLE visits (id int PRIMARY KEY, note text);")
+        walbed.cluster.psql("INSERT INTO visits VALUES (1, 'before the base backup');")
+        yield walbed
+
+
+@pytest.fixture(scope="module")
+def root_passphrase(bed, tmp_path_factory) -> str:
+    """The bed's passphrase in a file of root's own (the engine refuses another user's)."""
+    path = tmp_path_factory.mktemp("secret") / "passphrase"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(bed.secret + "\n")
+    return str(path)
+
+
+def repositories(bed: WalBed):
+    target = bed.config["s3_targets"][0]
+    remote = s3_repository(
+        target, {"aws_access_key": DUMMY_ACCESS_KEY, "aws_secret_key": DUMMY_SECRET_KEY}
     )
-    try:
-        cluster.start()
-        allow_replication(cluster)
-        cluster.psql("CREATE TABLE visits (id int PRIMARY KEY, note text);")
-        cluster.psql("INSERT INTO visits VALUES (1, 'before the base backup');")
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
-@pytest.fixture
-def archive_dir(archiving_pg) -> Path:
-    return archiving_pg.archive_dir
+    return local_repository(str(bed.repo)), remote
 
 
 def connection(cluster: PostgresCluster) -> PgConnection:
-    return PgConnection(host=cluster.host, port=cluster.port, user="postgres", dbname="postgres")
+    return PgConnection(
+        host=cluster.socket_dir, port=cluster.port, user="postgres", dbname="postgres"
+    )
 
 
-@pytest.fixture
-def repos(tmp_path, s3, s3_bucket):
-    local = tmp_path / "repo"
-    local.mkdir(mode=0o700)
-    client = make_client(endpoint_url=s3.endpoint_url, region="us-east-1", **_keys(s3))
-    return [LocalRepository(str(local)), S3Repository(client, s3_bucket, "pitr")]
+def agent_basebackup(bed: WalBed) -> dict:
+    proc = bed.agent("basebackup", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + bed.cluster.log_tail()
+    return json.loads(proc.stdout)
 
 
-def _keys(s3) -> dict[str, str]:
-    env = s3.env()
-    return {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"]}
-
-
-def wait_archived(cluster: PostgresCluster, archive_dir: Path) -> str:
-    """Switch to a new segment and wait until the finished one is in the archive."""
-    name = cluster.psql("SELECT pg_walfile_name(pg_switch_wal());")
-    deadline = time.monotonic() + 30
-    while not (archive_dir / name).exists():
-        assert time.monotonic() < deadline, f"{name} never archived: {cluster.log_tail()}"
-        time.sleep(0.1)
-    return name
-
-
-def test_base_backup_set_in_local_and_s3_restores_and_replays(
-    archiving_pg, archive_dir, repos, tmp_path, passphrase_file
-):
-    options = BaseBackupOptions("main", passphrase_file=str(passphrase_file))
-    result = run_base_backup(connection(archiving_pg), repos, options)
+def test_agent_base_backup_verify_window_restore_and_replay(bed, root_passphrase):
+    result = agent_basebackup(bed)
     manifest = result["manifest"]
     assert manifest["kind"] == "basebackup" and manifest["database"] == "main"
     assert manifest["cluster"] == "main"
     assert [t["ok"] for t in result["targets"]] == [True, True]
-    system_id = archiving_pg.psql("SELECT system_identifier FROM pg_control_system();")
-    assert manifest["system_identifier"] == system_id
-    assert manifest["pg_version"].split(".")[0] == str(archiving_pg.server_version_num // 10000)
+    cluster = bed.cluster
+    assert manifest["system_identifier"] == cluster.psql(
+        "SELECT system_identifier FROM pg_control_system();"
+    )
+    assert manifest["pg_version"].split(".")[0] == str(cluster.server_version_num // 10000)
     assert manifest["timeline"] == 1
-    for field in ("start_time", "stop_time", "start_lsn", "stop_lsn"):
-        assert manifest[field], field
-    assert basebackup.parse_lsn(manifest["start_lsn"]) < basebackup.parse_lsn(manifest["stop_lsn"])
-    # The server computes the same segment names from the same positions.
-    assert manifest["start_wal"] == archiving_pg.psql(
-        f"SELECT pg_walfile_name('{manifest['start_lsn']}');"
-    )
-    assert manifest["stop_wal"] == archiving_pg.psql(
-        f"SELECT pg_walfile_name('{manifest['stop_lsn']}');"
-    )
+    assert manifest["wal_segment_size"] == 1024 * 1024
+    for field in ("start_time", "stop_time"):
+        assert manifest[field] >= manifest["started_at"][:19], field
+    start, stop = (basebackup.parse_lsn(manifest[k]) for k in ("start_lsn", "stop_lsn"))
+    assert start < stop
+    # The server names the same segments for the same positions.
+    for lsn, name in (("start_lsn", "start_wal"), ("stop_lsn", "stop_wal")):
+        assert manifest[name] == cluster.psql(f"SELECT pg_walfile_name('{manifest[lsn]}');")
+    # The server's backup_manifest rides inside the set (PostgreSQL 15's pg_basebackup
+    # injects it into the tar it writes to stdout); verify lists it below.
     assert manifest["server_manifest"]["size"] > 0
-    # The same set, sealed, in both repositories.
-    for repo in repos:
-        entries = [e for e in list_catalog(repo) if e["id"] == result["set_id"]]
-        assert entries and entries[0]["state"] == "complete"
-    # No plaintext of the data directory in the local repository.
-    stored = Path(repos[0].path, "sets", result["set_id"], result["artifacts"][0]["file"])
-    assert stored.name == "base.tar.zst.gpg"
-    assert b"PG_VERSION" not in stored.read_bytes()
+    assert manifest["tar"]["files"] > 900
+    key = bed.record_key()
+    local, remote = repositories(bed)
+    stored = Path(bed.repo, "sets", result["set_id"], "base.tar.zst.gpg")
+    assert b"PG_VERSION" not in stored.read_bytes()  # no plaintext in the repository
+    for repo in (local, remote):
+        entries = [e for e in list_catalog(repo, key=key) if e["id"] == result["set_id"]]
+        assert entries and entries[0]["state"] == "complete", repo.url
+        assert entries[0]["authentication"] == "ok"
 
     # Written after the backup: reaches the restore only through the archived WAL.
-    archiving_pg.psql("INSERT INTO visits VALUES (2, 'after the base backup');")
-    wait_archived(archiving_pg, archive_dir)
+    cluster.psql("INSERT INTO visits VALUES (2, 'after the base backup');")
+    bed.wait_archived(bed.switch())
 
-    restored = PostgresCluster(base_dir=tmp_path)
+    outcome = verify_set(local, result["set_id"], passphrase_file=root_passphrase, record=False)
+    checks = {c["name"]: c for c in outcome["checks"]}
+    assert outcome["ok"], outcome["failures"]
+    assert "backup_manifest" in checks["readable"]["detail"]
+    assert checks["wal_continuity"]["status"] == "ok"
+    window = add_recovery_windows(local, list_catalog(local, key=key), key)[0]["recovery_window"]
+    assert window["earliest"] == manifest["stop_time"]
+    assert window["latest"] and window["latest"] > window["earliest"]
+    assert window["latest_wal"] >= manifest["stop_wal"]
+
+    # Not under tmp_path: concurrent pytest runs reset /tmp/pytest-of-root to 0700, which
+    # the server's account could then no longer traverse.
+    restored = PostgresCluster()
     try:
         restore = restore_base_backup(
-            [repos[1]],  # from S3: the off-site copy must be enough
+            [remote],  # from S3: the off-site copy must be enough
             BaseRestoreOptions(
                 restored.data_dir,
                 cluster="main",
-                owner=_server_owner(archiving_pg),
-                passphrase_file=str(passphrase_file),
+                owner=bed.uid,
+                passphrase_file=root_passphrase,
             ),
         )
         assert restore.set_id == result["set_id"]
@@ -161,8 +168,8 @@ def test_base_backup_set_in_local_and_s3_restores_and_replays(
         data = Path(restored.data_dir)
         assert (data / "backup_manifest").is_file() and (data / "PG_VERSION").is_file()
         assert oct(data.stat().st_mode & 0o777) == "0o700"
-        # pg_verifybackup agrees on its own (-n: WAL comes from the archive).
-        proc = subprocess.run(
+        assert data.stat().st_uid == bed.uid
+        proc = subprocess.run(  # pg_verifybackup's own verdict (-n: WAL comes from the archive)
             [str(restored.bin_dir / "pg_verifybackup"), "-n", str(data)],
             capture_output=True,
             text=True,
@@ -170,13 +177,17 @@ def test_base_backup_set_in_local_and_s3_restores_and_replays(
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         restored.configure(
-            {"restore_command": f"cp {archive_dir}/%f %p", "recovery_target_action": "promote"}
+            {
+                "restore_command": "%s wal-fetch --config %s %%f %%p"
+                % (shlex.quote(str(bed.wrapper)), shlex.quote(str(bed.config_path))),
+                "recovery_target_action": "promote",
+            }
         )
         (data / "recovery.signal").touch()
-        os.chown(data / "recovery.signal", *_server_owner(archiving_pg, ids=True))
+        os.chown(data / "recovery.signal", bed.uid, bed.gid)
         restored.start()
         deadline = time.monotonic() + 60
-        while restored.psql("SELECT pg_is_in_recovery();") != "f":
+        while _in_recovery(restored):
             assert time.monotonic() < deadline, restored.log_tail()
             time.sleep(0.2)
         rows = restored.psql("SELECT id, note FROM visits ORDER BY id;")
@@ -185,65 +196,94 @@ def test_base_backup_set_in_local_and_s3_restores_and_replays(
         restored.destroy()
 
 
-def _server_owner(cluster: PostgresCluster, ids: bool = False):
-    info = os.stat(cluster.data_dir)
-    return (info.st_uid, info.st_gid) if ids else info.st_uid
+def _in_recovery(cluster: PostgresCluster) -> bool:
+    try:
+        return cluster.psql("SELECT pg_is_in_recovery();") != "f"
+    except PostgresError as exc:
+        raise AssertionError("%s\n%s" % (exc, cluster.log_tail())) from None
 
 
-def test_server_manifest_rides_inside_the_set(archiving_pg, tmp_path):
-    """PostgreSQL 15's pg_basebackup -D - injects backup_manifest as the last member."""
-    repo_dir = tmp_path / "plain"
-    repo_dir.mkdir(mode=0o700)
-    result = run_base_backup(
-        connection(archiving_pg),
-        [LocalRepository(str(repo_dir))],
-        BaseBackupOptions("main", compression="none", encrypt=False),
-    )
-    stored = repo_dir / "sets" / result["set_id"] / "base.tar"
-    names = [m.name for m in tarfile.open(fileobj=io.BytesIO(stored.read_bytes()), mode="r|")]
-    assert names[-1] == "backup_manifest" and "backup_label" in names
-    assert result["manifest"]["tar"]["members"] == len(names)
-
-
-def test_non_empty_data_dir_refused_and_left_alone(archiving_pg, tmp_path, passphrase_file):
-    repo_dir = tmp_path / "repo"
-    repo_dir.mkdir(mode=0o700)
-    repo = LocalRepository(str(repo_dir))
-    run_base_backup(
-        connection(archiving_pg),
-        [repo],
-        BaseBackupOptions("main", passphrase_file=str(passphrase_file)),
-    )
+def test_non_empty_data_dir_refused_and_nothing_qualifying_leaves_nothing(
+    bed, root_passphrase, tmp_path
+):
+    local, _remote = repositories(bed)
     target = tmp_path / "data"
     target.mkdir()
     (target / "PG_VERSION").write_text("15\n")
     with pytest.raises(ConfigError, match="is not empty") as caught:
         restore_base_backup(
-            [repo], BaseRestoreOptions(str(target), passphrase_file=str(passphrase_file))
+            [local], BaseRestoreOptions(str(target), passphrase_file=root_passphrase)
         )
     assert "never extracted over an existing cluster" in caught.value.hint
     assert sorted(os.listdir(target)) == ["PG_VERSION"]
-    # A target before every base backup: nothing qualifies, nothing is left behind.
     fresh = tmp_path / "fresh"
-    with pytest.raises(Exception, match="no base backup") as caught:
+    with pytest.raises(IntegrityError, match="no base backup") as caught:
         restore_base_backup(
-            [repo],
+            [local],
             BaseRestoreOptions(
-                str(fresh), target_time="2000-01-01T00:00:00Z", passphrase_file=str(passphrase_file)
+                str(fresh), target_time="2000-01-01T00:00:00Z", passphrase_file=root_passphrase
             ),
         )
     assert "after the target time" in caught.value.hint
     assert not fresh.exists()
 
 
-def test_server_without_archiving_refused(pg, tmp_path, passphrase_file):
+def test_server_without_archiving_refused(pg, tmp_path):
     repo_dir = tmp_path / "repo"
     repo_dir.mkdir(mode=0o700)
+    passphrase = write_passphrase_file(tmp_path / "passphrase")
     with pytest.raises(ConfigError, match="archiving is off") as caught:
         run_base_backup(
-            connection(pg),
+            PgConnection(host=pg.host, port=pg.port, user="postgres", dbname="postgres"),
             [LocalRepository(str(repo_dir))],
-            BaseBackupOptions("main", passphrase_file=str(passphrase_file)),
+            BaseBackupOptions("main", passphrase_file=str(passphrase)),
         )
     assert "pg_wal_archiving" in caught.value.hint
-    assert not re.search(r"\d{8}T", " ".join(os.listdir(repo_dir)))
+    assert not (repo_dir / "sets").exists() or not os.listdir(repo_dir / "sets")
+
+
+def test_verify_names_a_gap_and_retention_keeps_only_needed_wal(bed, root_passphrase):
+    """Last in this module: it deletes sets and WAL of the bed's repositories."""
+    key = bed.record_key()
+    local, remote = repositories(bed)
+    bed.make_wal(1.0, table="between")
+    newest = agent_basebackup(bed)["manifest"]
+    bed.wait_archived(bed.make_wal(1.0, table="after"))
+    first_needed = newest["start_wal"]
+    older = [
+        r.name
+        for r in wal.list_wal(local, "main", key)
+        if r.kind == "segment" and r.name < first_needed
+    ]
+    assert older, "the first base backup's WAL precedes the newest one's"
+
+    # A segment the newest base backup needs goes missing: verify names it.
+    gap = wal.segment_after(first_needed, newest["wal_segment_size"])
+    record = next(r for r in wal.list_wal(local, "main", key) if r.name == gap)
+    stored = Path(bed.repo, record.stored_path)
+    hidden = stored.with_name(stored.name + ".hidden")
+    stored.rename(hidden)
+    try:
+        outcome = verify_set(local, newest["id"], passphrase_file=root_passphrase, record=False)
+        failing = [c for c in outcome["checks"] if c["status"] == "fail"]
+        assert [c["name"] for c in failing] == ["wal_continuity"], failing
+        assert gap in failing[0]["detail"]
+    finally:
+        hidden.rename(stored)
+    assert verify_set(local, newest["id"], passphrase_file=root_passphrase)["ok"]
+
+    policy = RetentionPolicy(daily=1, weekly=0, monthly=0, yearly=0, min_keep=1)
+    for repo in (local, remote):
+        preview = apply_retention(repo, policy, database="main", key=key, check_mode=True)
+        result = apply_retention(repo, policy, database="main", key=key)
+        assert result["kept"] == [newest["id"]], result["decisions"]
+        assert result["deleted"], repo.url
+        assert result["wal"][0]["first_needed"] == first_needed
+        assert set(preview["wal"][0]["deleted"]) == set(result["wal"][0]["deleted"])
+        left = list(wal.list_wal(repo, "main", key))
+        names = {r.name for r in left}
+        assert not names & set(older), repo.url
+        # Everything from the kept base backup's start_wal on is still there, usable.
+        missing, _first, _last = basebackup.wal_continuity(newest, left)
+        assert missing == [], missing
+    assert verify_set(local, newest["id"], passphrase_file=root_passphrase, record=False)["ok"]

@@ -72,6 +72,7 @@ from .module_support import (
     s3_repository,
 )
 from .pgsource import parse_url
+from .pipeline import ProgressLog, report_progress_to
 from .repository import safe_name, utc_now
 from .restore import RestoreOptions, run_restore
 from .retention import RetentionPolicy, apply_retention, lock_paths_for
@@ -846,6 +847,14 @@ def run_status(args):
     return code
 
 
+PROGRESS_INTERVAL_SECONDS = 10.0
+
+
+def _progress_line(text):
+    sys.stderr.write("%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S%z"), text))
+    sys.stderr.flush()
+
+
 def _terminate(signum, _frame):
     # Turn SIGTERM (cron timeout, systemd stop) into an exception so that
     # staging files are removed and uploads aborted on the way out.
@@ -964,6 +973,8 @@ def main(argv=None):
         parser.error("%s needs exactly one --config (and no --config-dir)" % args.command)
     args.config = args.config[0]
     signal.signal(signal.SIGTERM, _terminate)
+    # Long streams say how far they are (cron appends stderr to the job's log).
+    report_progress_to(ProgressLog(_progress_line, PROGRESS_INTERVAL_SECONDS))
     started = time.time()
     database = "unknown"
     config = {}

@@ -29,6 +29,7 @@ from .lifecycle import (
     manifest_header,
     prepare_targets,
     record_key,
+    set_summary,
 )
 from .locking import RunLock, lock_path_for
 from .passphrase import load_passphrase
@@ -187,6 +188,7 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
     unreachable = check_targets(repositories)
     started = now or utc_now()
     clock = time.time()
+    began = time.monotonic()
     with Snapshot(connection) as snapshot:
         bin_dir = find_pg_bin_dir(snapshot.server_major, options.pg_bin_dir)
         missing = snapshot.missing_tables(options.table_patterns)
@@ -219,12 +221,16 @@ def run_backup(connection, repositories, options, check_mode=False, now=None):
                 "check_mode": True,
                 "warnings": ["%s is unreachable: %s" % item for item in unreachable.items()],
             }
+        preflight = time.monotonic() - began
         with RunLock(lock_path_for(repositories)):
             layout_warnings = prepare_targets(
                 repositories, unreachable, options.stale_seconds, key, connection.dbname
             )
+            locked = time.monotonic() - began - preflight
             with SetWriting(repositories, unreachable, set_id, options, passphrase, key) as writing:
                 result = _take_set(connection, options, snapshot, bin_dir, writing, started, clock)
+            result["phases"] = writing.phases(preflight_seconds=preflight, lock_seconds=locked)
+            result["summary"] = set_summary("backup set", result)
             result["warnings"] = layout_warnings + result["warnings"]
             if options.include_globals and not snapshot.is_superuser:
                 result["warnings"].append(

@@ -21,7 +21,7 @@ import html
 import re
 
 from .errors import ConfigError
-from .status import human_duration, human_size
+from .units import human_duration, human_size
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 _RANK = {PASS: 0, WARN: 1, FAIL: 2}

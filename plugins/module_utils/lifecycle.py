@@ -44,6 +44,7 @@ from .catalog import (
 )
 from .errors import BackupError, ConfigError, IntegrityError, StoreError, UnreachableError
 from .repository import check_set_id, isoformat, utc_now
+from .units import human_duration, human_rate, human_size
 from .version import TOOL_NAME, TOOL_VERSION
 
 
@@ -158,7 +159,7 @@ def stream_artifact(targets, filename, stages, source=None):
     healthy target; returns (StreamResult, {repository url: location})."""
     live = [t for t in targets if t.error is None]
     streams = [TargetStream(t.writer, filename) for t in live]
-    result = pipeline.run_stream(stages, MultiTarget(streams), source=source)
+    result = pipeline.run_stream(stages, MultiTarget(streams), source=source, what=filename)
     for stream in streams:
         stream.close()
     locations = {}
@@ -295,6 +296,8 @@ class SetWriting(object):
         for target in self.targets:
             target.error = unreachable.get(target.repo.url)
         self.gpg_session = pipeline.GpgSession(passphrase) if passphrase else None
+        self.stream_seconds = {}
+        self.commit_seconds = None
 
     def __enter__(self):
         try:
@@ -325,14 +328,27 @@ class SetWriting(object):
     def stream(self, filename, producer_stages, source=None):
         """Stream one artifact (``producer_stages`` then ours) into every healthy target;
         returns its artifact entry (without name and content) and its locations."""
+        began = time.monotonic()
         result, locations = stream_artifact(
             self.targets, filename, list(producer_stages) + self.stages(), source
         )
+        self.stream_seconds[filename] = round(time.monotonic() - began, 3)
         return {"file": filename, "size": result.size, "sha256": result.sha256}, locations
 
     def commit(self, manifest, name):
         """Seal and write the manifest last, then the pointer; returns (manifest, warnings)."""
-        return commit_manifests(self.targets, manifest, name, self.set_id, self.key)
+        began = time.monotonic()
+        try:
+            return commit_manifests(self.targets, manifest, name, self.set_id, self.key)
+        finally:
+            self.commit_seconds = round(time.monotonic() - began, 3)
+
+    def phases(self, **before):
+        """How long each phase took, for the result: ``before`` (e.g. preflight_seconds,
+        lock_seconds, measured by the kind), each artifact's stream, the commit."""
+        phases = {k: round(v, 3) for k, v in before.items()}
+        phases.update(stream_seconds=dict(self.stream_seconds), commit_seconds=self.commit_seconds)
+        return phases
 
     @property
     def changed(self):
@@ -357,6 +373,19 @@ class SetWriting(object):
             "the set is complete in %s; the next run retries"
             % ", ".join(t.repo.url for t in self.targets if t.committed),
         )
+
+
+def set_summary(what, result):
+    """One line for a playbook's summary: ``what`` (e.g. "backup set"), the set, its
+    size, how long it took and at what rate, and where it went."""
+    return "%s %s: %s in %s (%s) into %s" % (
+        what,
+        result.get("set_id"),
+        human_size(result.get("size")),
+        human_duration(result.get("duration_seconds")),
+        human_rate(result.get("size"), result.get("duration_seconds")),
+        ", ".join(t["repository"] for t in result.get("targets") or [] if t.get("ok")) or "-",
+    )
 
 
 # ---------------------------------------------------------------------- reading sets back
@@ -461,7 +490,9 @@ def stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=None, 
         stages.append(last_stage)
     failure = None
     try:
-        pipeline.run_stream(stages, consumer or (lambda chunk: None), source=reader)
+        pipeline.run_stream(
+            stages, consumer or (lambda chunk: None), source=reader, what="reading " + name
+        )
     except BackupError as exc:
         failure = exc
         # A consumer that stopped early (pg_restore on its first error) left bytes

@@ -26,6 +26,7 @@ import threading
 import time
 
 from .errors import BackupError, ConfigError, IntegrityError
+from .units import human_duration, human_rate, human_size
 
 CHUNK_SIZE = 1024 * 1024
 COMPRESSIONS = ("zstd", "gzip", "none")
@@ -359,7 +360,64 @@ def _check(stages, failure_hint=None):
             )
 
 
-def run_stream(stages, consume, source=None, chunk_size=CHUNK_SIZE, failure_hint=None):
+class ProgressLog(object):
+    """Progress of long streams for the operator: every ``interval`` seconds a line with
+    what is streaming, the bytes so far and the rate, and one when it ends. The agent
+    turns it on (cron appends its stderr to the job's log); modules leave it off."""
+
+    def __init__(self, write, interval=10.0, clock=time.monotonic):
+        self.write = write
+        self.interval = float(interval)
+        self.clock = clock
+
+    def stream(self, what):
+        return _ProgressStream(self, what)
+
+
+class _ProgressStream(object):
+    def __init__(self, log, what):
+        self.log = log
+        self.what = what
+        self.size = 0
+        self.started = self.last = log.clock()
+
+    def add(self, count):
+        self.size += count
+        now = self.log.clock()
+        if now - self.last >= self.log.interval:
+            self.last = now
+            self._say("streaming", now)
+
+    def done(self):
+        self._say("done", self.log.clock())
+
+    def _say(self, state, now):
+        elapsed = now - self.started
+        try:
+            self.log.write(
+                "%s %s: %s in %s (%s)"
+                % (
+                    self.what,
+                    state,
+                    human_size(self.size),
+                    human_duration(elapsed),
+                    human_rate(self.size, elapsed),
+                )
+            )
+        except (OSError, ValueError):
+            pass  # a closed stderr never stops a backup
+
+
+_PROGRESS = [None]
+
+
+def report_progress_to(progress):
+    """Send the progress of every stream of this process to ``progress`` (a
+    ProgressLog), or nowhere (None)."""
+    _PROGRESS[0] = progress
+
+
+def run_stream(stages, consume, source=None, chunk_size=CHUNK_SIZE, failure_hint=None, what=None):
     """Run ``stages`` as one pipeline and hand every output chunk to ``consume``.
 
     ``source``: optional iterable of bytes fed to the first stage's stdin (by a
@@ -367,17 +425,23 @@ def run_stream(stages, consume, source=None, chunk_size=CHUNK_SIZE, failure_hint
     When ``stages`` is empty, the source itself is consumed.
     Returns a StreamResult (size and sha256 of the bytes consumed).
     Raises BackupError if any stage exits non-zero; ``consume`` may raise to abort.
+    ``what`` names the stream in progress lines (see report_progress_to).
     """
     digest = hashlib.sha256()
     size = 0
     feeder = None
     feed_error = []
+    progress = _PROGRESS[0].stream(what) if _PROGRESS[0] is not None and what else None
     try:
         if not stages:
             for chunk in source:
                 digest.update(chunk)
                 size += len(chunk)
                 consume(chunk)
+                if progress is not None:
+                    progress.add(len(chunk))
+            if progress is not None:
+                progress.done()
             return StreamResult(size, digest.hexdigest())
         prev_out = subprocess.PIPE if source is not None else subprocess.DEVNULL
         first = True
@@ -401,6 +465,8 @@ def run_stream(stages, consume, source=None, chunk_size=CHUNK_SIZE, failure_hint
             digest.update(chunk)
             size += len(chunk)
             consume(chunk)
+            if progress is not None:
+                progress.add(len(chunk))
         out.close()
         for stage in stages:
             stage.proc.wait()
@@ -409,6 +475,8 @@ def run_stream(stages, consume, source=None, chunk_size=CHUNK_SIZE, failure_hint
         _check(stages, failure_hint)
         if feed_error:
             raise feed_error[0]
+        if progress is not None:
+            progress.done()
         return StreamResult(size, digest.hexdigest())
     except BaseException:
         _terminate(stages)

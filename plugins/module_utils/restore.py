@@ -50,6 +50,7 @@ from .lifecycle import (
 from .pgsource import find_pg_bin_dir
 from .repository import RESTORE_TEST, isoformat, parse_time, utc_now
 from .tarsafety import unsafe_member
+from .units import human_duration
 from .verify import FAIL, verify_artifact
 
 WORK_SUFFIX = "__restoring_"
@@ -755,6 +756,14 @@ def run_restore(repo, connection, options, check_mode=False, now=None, kind=None
             "passed_over": passed,
             "restored_at": isoformat(now),
         }
+    )
+    result["summary"] = "%s set %s into %s in %s; data as of %s (RPO %s)" % (
+        "rehearsed" if options.mode == "rehearse" else "restored",
+        result.get("set_id"),
+        options.target_database,
+        human_duration(result["duration_seconds"]),
+        result.get("backup_started_at", "?"),
+        human_duration(result.get("rpo_seconds")),
     )
     if options.mode == "rehearse":
         warning = record_restore_test(repo, session.key, result)

@@ -34,6 +34,7 @@ from .authentication import AUTHENTICATED, NOT_CHECKED
 from .catalog_report import age_hours, id_database_name, matches_database, newest_entry
 from .errors import ConfigError
 from .repository import parse_time, safe_name
+from .units import human_duration, human_size
 
 DEFAULT_BACKUP_MAX_AGE_HOURS = 25.0
 DEFAULT_VERIFY_MAX_AGE_DAYS = 8.0
@@ -45,7 +46,6 @@ SAME_TEST_SECONDS = 120.0
 # Restore tests listed per group (newest first): a year of monthly tests and then some.
 RESTORE_TEST_HISTORY = 50
 _UTC = datetime.timezone.utc
-_SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 class Thresholds(object):
@@ -82,41 +82,6 @@ class Thresholds(object):
 
 
 # ---------------------------------------------------------------------- human forms
-def human_size(size):
-    """``28.5 MiB``: binary units, one decimal; bytes below 1 KiB; ``-`` when unknown."""
-    if size is None:
-        return "-"
-    if size < 1024:
-        return "%d B" % size
-    value = float(size)
-    for unit in _SIZE_UNITS:
-        value /= 1024.0
-        if value < 1024 or unit == _SIZE_UNITS[-1]:
-            return "%.1f %s" % (value, unit)
-    return "-"  # not reached: the loop returns at its last unit
-
-
-def human_duration(seconds):
-    """``3 min 12 s``, ``2 h 5 min``, ``4 d 3 h``, ``0.4 s``: the two largest units."""
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        # Short runs (a small restore test) deserve their tenth of a second.
-        return "%.1f s" % max(seconds, 0.0)
-    whole = int(round(seconds))
-    units = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
-    for index, (unit, length) in enumerate(units):
-        if whole >= length or unit == "s":
-            text = "%d %s" % (whole // length, unit)
-            if index + 1 < len(units):
-                next_unit, next_length = units[index + 1]
-                rest = (whole % length) // next_length
-                if rest:
-                    text += " %d %s" % (rest, next_unit)
-            return text
-    return "-"  # not reached: "s" always matches
-
-
 def human_age(seconds):
     """``2 h ago``: the largest whole unit (floor: 119 minutes is ``1 h ago``)."""
     if seconds is None:

@@ -277,7 +277,12 @@ def verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep
             consumer = file_chain.ContentCheck(manifest)
     content_error = None
     try:
-        pipeline.run_stream(stages, consumer or (lambda chunk: None), source=reader)
+        pipeline.run_stream(
+            stages,
+            consumer or (lambda chunk: None),
+            source=reader,
+            what="verifying " + artifact["file"],
+        )
         if isinstance(consumer, ParserConsumer):
             content_error = consumer.finish()
     except BackupError as exc:

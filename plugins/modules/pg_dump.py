@@ -202,6 +202,17 @@ duration_seconds:
   description: Wall time of the backup.
   returned: success
   type: float
+phases:
+  description:
+    - How long each phase took, in seconds - C(preflight_seconds) (connection, snapshot, checks),
+      C(lock_seconds) (the repository lock and layout), C(stream_seconds) (per artifact file, the dump and the
+      globals streaming at the same time) and C(commit_seconds) (manifest and pointer in every target).
+  returned: success
+  type: dict
+summary:
+  description: One line for people, e.g. C(backup set ID: 28.5 MiB in 3 min 12 s (152.0 KiB/s) into /var/backups/clinic/db).
+  returned: success
+  type: str
 manifest:
   description: The manifest written with the set.
   returned: success

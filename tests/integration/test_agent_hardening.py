@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -96,6 +97,18 @@ def test_two_databases_on_one_repository_at_one_minute_both_get_backed_up(
     results = [faultlib.finish(p, timeout=300) for p in procs]
     for result in results:
         assert result.rc == 0, result.text()
+        # Progress for the job's log (stderr), in human units; the result says per phase.
+        dump = result.doc["artifacts"][0]["file"]
+        assert re.search(r"%s done: [\d.]+ (B|KiB|MiB) in " % re.escape(dump), result.stderr)
+        phases = result.doc["phases"]
+        assert set(phases) == {
+            "preflight_seconds",
+            "lock_seconds",
+            "stream_seconds",
+            "commit_seconds",
+        }
+        assert dump in phases["stream_seconds"] and phases["commit_seconds"] >= 0
+        assert result.doc["summary"].startswith("backup set %s: " % result.doc["set_id"])
     assert sorted(helpers.local_sets(repo_dir)) == sorted(r.doc["set_id"] for r in results)
     assert sorted((r["database"], r["outcome"]) for r in audit_lines(audit)) == sorted(
         [(pg.clinic_db, "ok"), (second_db, "ok")]

@@ -135,3 +135,44 @@ def test_a_wrong_passphrase_is_recognised_whatever_the_hosts_language(tmp_path, 
     with pipeline.GpgSession(b"wrong passphrase") as session:
         with pytest.raises(BackupError, match="Bad session key"):
             pipeline.run_stream([session.decryption()], lambda chunk: None, source=stored)
+
+
+def test_progress_lines_every_interval_and_at_the_end():
+    lines, now = [], [100.0]
+    log = pipeline.ProgressLog(lines.append, interval=10.0, clock=lambda: now[0])
+    pipeline.report_progress_to(log)
+    try:
+
+        def chunks():
+            for _ in range(4):
+                now[0] += 6.0  # 6 s per MiB: a line at 12 s and 24 s, then the end
+                yield b"x" * (1024 * 1024)
+
+        result = pipeline.run_stream([], lambda chunk: None, source=chunks(), what="db.dump")
+        assert result.size == 4 * 1024 * 1024
+        # An unnamed stream (a WAL segment, a manifest) says nothing.
+        pipeline.run_stream([], lambda chunk: None, source=[b"y"])
+    finally:
+        pipeline.report_progress_to(None)
+    assert lines == [
+        "db.dump streaming: 2.0 MiB in 12 s (170.7 KiB/s)",
+        "db.dump streaming: 4.0 MiB in 24 s (170.7 KiB/s)",
+        "db.dump done: 4.0 MiB in 24 s (170.7 KiB/s)",
+    ]
+
+
+def test_progress_through_real_stages_and_a_closed_stderr(tmp_path):
+    def broken(_line):
+        raise OSError("stderr is gone")
+
+    pipeline.report_progress_to(pipeline.ProgressLog(broken, interval=0.0))
+    try:
+        result = pipeline.run_stream(
+            [pipeline.Stage("cat", ["cat"])],
+            lambda chunk: None,
+            source=[b"z" * 4096] * 8,
+            what="artifact",
+        )
+    finally:
+        pipeline.report_progress_to(None)
+    assert result.size == 4096 * 8

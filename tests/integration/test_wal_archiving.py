@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from testbed.pg import PostgresCluster
 from testbed.s3 import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY
 from testbed.walbed import SEGMENT_SIZE, WalBed
 
@@ -37,8 +41,49 @@ def repositories(bed: WalBed):
     return local, remote
 
 
+def take_base_backup(bed: WalBed, target: Path) -> Path:
+    """A plain base backup without WAL (-X none): recovery must fetch it all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGHOST=bed.cluster.socket_dir, PGPORT=str(bed.cluster.port), PGUSER="postgres")
+    subprocess.run(
+        [str(bed.cluster.bin_dir / "pg_basebackup"), "-D", str(target), "-X", "none", "-c", "fast"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return target
+
+
+def recover(bed: WalBed, base_dir: Path) -> PostgresCluster:
+    """A second cluster started from the base backup with restore_command = wal-fetch
+    (from the local repository: the S3 copy is read back in-process above)."""
+    local_only = {k: v for k, v in bed.config.items() if not k.startswith(("s3_", "aws_"))}
+    config = bed.write_config(local_only, Path(bed.home) / "fetch-local.json")
+    restored = PostgresCluster()
+    shutil.copytree(base_dir, restored.data_dir)
+    Path(restored.data_dir, "recovery.signal").touch()
+    for path in [Path(restored.data_dir), *Path(restored.data_dir).rglob("*")]:
+        os.lchown(path, bed.uid, bed.gid)
+    os.chmod(restored.data_dir, 0o700)
+    restored.settings.update(
+        {
+            "archive_mode": False,
+            "restore_command": "%s wal-fetch --config %s %%f %%p"
+            % (shlex.quote(str(bed.wrapper)), shlex.quote(str(config))),
+        }
+    )
+    restored.start()
+    deadline = time.monotonic() + 120
+    while restored.psql("SELECT pg_is_in_recovery();") != "f":
+        assert time.monotonic() < deadline, restored.log_tail()
+        time.sleep(0.1)
+    return restored
+
+
 def test_archive_to_local_and_s3_then_fetch_identical(s3, s3_bucket, tmp_path):
     with WalBed(s3_endpoint=s3.endpoint_url, bucket=s3_bucket) as bed:
+        base_dir = take_base_backup(bed, tmp_path / "base")
         last = None
         for index in range(4):
             last = bed.make_wal(1.5, table="t%d" % index)
@@ -107,6 +152,16 @@ def test_archive_to_local_and_s3_then_fetch_identical(s3, s3_bucket, tmp_path):
         assert values["clinic_backup_wal_failed_count"] == 0
         assert 0 <= values["clinic_backup_wal_last_archived_age_seconds"] < 600
         assert values["clinic_backup_wal_repository_files"] >= len(done)
+
+        # A real recovery: the base backup replayed to the end of the archive through
+        # restore_command = wal-fetch (prefetching), then promoted, holding every row.
+        expected = {t: bed.cluster.psql("SELECT count(*) FROM t%d" % t) for t in range(4)}
+        recovered = recover(bed, base_dir)
+        try:
+            for table, count in expected.items():
+                assert recovered.psql("SELECT count(*) FROM t%d" % table) == count
+        finally:
+            recovered.destroy()
 
         # History, .backup and .partial files take the same path (the synchronous one
         # here: no archive_status beside them).

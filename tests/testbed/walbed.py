@@ -138,6 +138,10 @@ class WalBed:
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> WalBed:
         self.cluster.start()
+        # Base backups (pg_basebackup over the unix socket) need a replication entry.
+        with Path(self.cluster.data_dir, "pg_hba.conf").open("a") as hba:
+            hba.write("local   replication   all   trust\n")
+        self.cluster.psql("SELECT pg_reload_conf();")
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -196,9 +196,9 @@ def test_other_passphrase_cannot_read_and_rotation_keeps_old_keys(archive):
 
 def test_history_files_and_timeline_switch(archive):
     repo, session, tmp = archive
-    # Timeline 2 branched off timeline 1 at 0/3000060 (inside segment 3).
+    # Timeline 2 branched off timeline 1 at 0/300060 (inside segment 3 of 1 MiB).
     history = tmp / "00000002.history"
-    history.write_text("1\t0/3000060\tno recovery target specified\n")
+    history.write_text("1\t0/300060\tno recovery target specified\n")
     wal.push_wal([repo], "main", str(history), session)
     for name in (
         "000000010000000000000001",
@@ -206,10 +206,10 @@ def test_history_files_and_timeline_switch(archive):
         "000000020000000000000003",
         "000000020000000000000004",
     ):
-        wal.push_wal([repo], "main", str(make_segment(tmp, name, 1, 16 * MiB)), session)
+        wal.push_wal([repo], "main", str(make_segment(tmp, name, 1)), session)
     records = wal.list_wal(repo, "main", session.key)
     history_record = [r for r in records if r.kind == "history"]
-    assert history_record[0].history == [[1, "0/3000060"]]
+    assert history_record[0].history == [[1, "0/300060"]]
     assert (
         wal.check_continuity(records, "000000010000000000000001", "000000020000000000000004") == []
     )

@@ -149,8 +149,9 @@ def validate_manifest(data, set_id):
     kind = data.get("kind", "database")  # database manifests carry no kind
     if kind == "files":
         # A file set is one tar archive of files (and, in an incremental chain, the
-        # index of its tree: file_chain.py); it never holds a database dump.
-        if names not in (["files"], ["files", "index"]):
+        # index of its tree, alone when nothing changed: file_chain.py); it never holds
+        # a database dump.
+        if names not in (["files"], ["files", "index"], ["index"]):
             raise IntegrityError(
                 "manifest of %s (a file set) does not list exactly one files artifact" % set_id,
                 "the manifest was truncated or tampered with: use another set",

@@ -40,6 +40,7 @@ __metaclass__ = type
 import errno
 import fnmatch
 import hashlib
+import itertools
 import os
 import posixpath
 import re
@@ -51,7 +52,7 @@ from . import file_chain, pipeline
 from .catalog import (
     load_manifest,
 )
-from .errors import BackupError, ConfigError
+from .errors import BackupError, ConfigError, IntegrityError
 from .lifecycle import (
     SetWriting,
     StreamOptions,
@@ -59,6 +60,7 @@ from .lifecycle import (
     manifest_header,
     prepare_targets,
     record_key,
+    stream_artifact,
 )
 from .locking import RunLock, lock_path_for
 from .passphrase import load_passphrase
@@ -470,6 +472,10 @@ class TarProducer(object):
                 return
             self.files += 1
             self.bytes += info.st_size
+            if self.index is not None:
+                entry = file_chain.entry_for(member, "f", info)
+                entry.update(size=info.st_size, stamp=file_chain.stamp_of(info))
+                self.index.append(entry)
             return
         try:
             fd = _open_for_reading(real)
@@ -680,19 +686,43 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
         )
         local = [r.path for r in repositories if r.kind == "local"]
         with SetWriting(repositories, unreachable, set_id, options, passphrase, key) as writing:
-            parent, why_full = None, None
-            if options.incremental:
-                parent, why_full = file_chain.choose_parent(
-                    repositories, unreachable, options, key, writing.gpg_session
+            parent, why_full, background, listing = None, None, None, []
+
+            def unchanged(manifest):
+                # An lstat walk, no file opened: the tree against the parent's fingerprint.
+                walker = TarProducer(paths, options.exclude, local, read=False, index=True)
+                for _piece in walker:
+                    pass
+                listing.append(walker)
+                return not walker.skipped and file_chain.unchanged_since(
+                    manifest, key, walker.index
                 )
-            producer = TarProducer(
-                paths,
-                options.exclude,
-                local,
-                index=options.incremental,
-                previous=parent.entries if parent else None,
-            )
-            result = _take_file_set(options, producer, writing, started, parent)
+
+            try:
+                if options.incremental:
+                    parent, why_full = file_chain.choose_parent(
+                        repositories, unreachable, options, key, unchanged
+                    )
+                if parent is not None and parent.unchanged:
+                    producer = listing[0]
+                    result = _reuse_parent_index(options, producer, writing, started, parent)
+                else:
+                    if options.incremental:
+                        # Its gpg derives its key while the parent's index and the tree are read.
+                        background = file_chain.BackgroundArtifact(writing, options.index_file())
+                    if parent is not None:
+                        parent, why_full = file_chain.load_index(parent, writing.gpg_session)
+                    producer = TarProducer(
+                        paths,
+                        options.exclude,
+                        local,
+                        index=options.incremental,
+                        previous=parent.entries if parent else None,
+                    )
+                    result = _take_file_set(options, producer, writing, started, parent, background)
+            finally:
+                if background is not None:
+                    background.cancel()
         if why_full and parent is None and not why_full.startswith("no earlier set"):
             result["warnings"].append("a full set was taken: %s" % why_full)
         result["warnings"] = layout_warnings + result["warnings"]
@@ -719,12 +749,70 @@ def run_file_backup(repositories, options, check_mode=False, now=None):
         return result
 
 
-def _take_file_set(options, producer, writing, started, parent=None):
+def _reuse_parent_index(options, listing, writing, started, parent):
+    """The tree is exactly the parent's: the new set is the parent's index, copied as
+    stored (no archive, no gpg), under a manifest of its own."""
+    clock = time.time()
+    previous = parent.manifest
+    artifact = file_chain.index_artifact(previous)
+    reader = pipeline.HashingReader(parent.source.open_artifact(previous["id"], artifact["file"]))
+    try:
+        stored, locations = stream_artifact(writing.targets, options.index_file(), [], reader)
+    finally:
+        reader.fileobj.close()
+    if (reader.sha256, reader.size) != (artifact["sha256"], artifact["size"]):
+        raise IntegrityError(
+            "the index of set %s does not match its manifest (sha256 %s)"
+            % (previous["id"], reader.sha256),
+            "run backup_verify on it; the next run takes a full set if it is damaged",
+        )
+    entry = {"file": options.index_file(), "size": stored.size, "sha256": stored.sha256}
+    artifacts = [
+        dict(entry, name=file_chain.INDEX, content=file_chain.INDEX_CONTENT, locations=locations)
+    ]
+    tree = previous["files"]["tree"]
+    files = listing.summary()
+    files.update(
+        {
+            "count": 0,
+            "bytes": 0,
+            "tree": tree,
+            "reused": tree["count"],
+            "reused_bytes": tree["bytes"],
+            "deleted": 0,
+            "chain": {
+                "level": file_chain.INCREMENTAL,
+                "sets": parent.sets,
+                "macs": parent.macs,
+                "full_every": options.full_every,
+                "fingerprint": file_chain.chain_of(previous)["fingerprint"],
+                "index_from": file_chain.written_by(previous),
+            },
+        }
+    )
+    return _commit(options, writing, started, clock, artifacts, files, listing)
+
+
+def _take_file_set(options, producer, writing, started, parent=None, background=None):
     """Stream the tar of ``producer`` (and, in a chain, its index) into ``writing``;
     commit the manifest."""
     clock = time.time()
-    entry, locations = writing.stream(options.artifact_file(), [], producer)
-    artifacts = [dict(entry, name=ARTIFACT_NAME, content=CONTENT, locations=locations)]
+    chunks = iter(producer)
+    # Up to two chunks: one means the walk is over (the last chunk holds the end marker).
+    pulled = list(itertools.islice(chunks, 2))
+    artifacts = []
+    if not (
+        parent is not None
+        and len(pulled) < 2
+        and producer.files == 0
+        and not file_chain.deleted_names(parent.entries, producer.index)
+        and file_chain.same_layout(parent.entries, producer.index)
+    ):
+        entry, locations = writing.stream(
+            options.artifact_file(), [], itertools.chain(pulled, chunks)
+        )
+        artifacts.append(dict(entry, name=ARTIFACT_NAME, content=CONTENT, locations=locations))
+    # else: nothing changed since the parent: the set is its index alone (no archive).
     files = producer.summary()
     if producer.index is not None:
         for item in producer.index:
@@ -732,7 +820,10 @@ def _take_file_set(options, producer, writing, started, parent=None):
                 item["set"] = writing.set_id
         deleted = file_chain.deleted_names(parent.entries, producer.index) if parent else []
         index = file_chain.encode_index(writing.set_id, producer.index, deleted)
-        entry, locations = writing.stream(options.index_file(), [], [index])
+        if background is not None:
+            entry, locations = background.finish(index)
+        else:
+            entry, locations = writing.stream(options.index_file(), [], [index])
         artifacts.append(
             dict(
                 entry,
@@ -747,6 +838,7 @@ def _take_file_set(options, producer, writing, started, parent=None):
             else file_chain.full_chain_record()
         )
         chain["full_every"] = options.full_every
+        chain["fingerprint"] = file_chain.fingerprint(writing.key, producer.index)
         files.update(
             {
                 "tree": file_chain.summarize(producer.index),
@@ -756,6 +848,10 @@ def _take_file_set(options, producer, writing, started, parent=None):
                 "chain": chain,
             }
         )
+    return _commit(options, writing, started, clock, artifacts, files, producer)
+
+
+def _commit(options, writing, started, clock, artifacts, files, producer):
     manifest = manifest_header(KIND, writing.set_id, options.name, options, started, clock)
     manifest.update(
         {

@@ -24,6 +24,13 @@ the parent and every set before it with the MAC of its manifest: a set restores 
 if every set of its chain is there and is the very set it was taken against.
 ``full_every`` caps the chain: every N-th set is a full set again.
 
+A run first compares an lstat walk of the tree with the parent's ``fingerprint`` (a MAC,
+keyed from the passphrase, of every entry's name, type, mode, owner, mtime, size and
+stamp): when nothing changed, the new set is the parent's index artifact copied as
+stored (``index_from`` names the set that wrote it) and no archive - no file opened, no
+gpg run. Otherwise the parent's index is decrypted and the tree read as above; a set
+that stores no file and deletes nothing has no archive either.
+
 File names may be patient data: they are only in the encrypted index, never in the
 manifest.
 """
@@ -32,10 +39,13 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import hashlib
 import io
 import json
+import queue
 import re
 import tarfile
+import threading
 
 from . import authentication
 from .catalog import load_manifest, manifest_authentication
@@ -56,6 +66,8 @@ TYPES = ("f", "d", "l")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # An index is read whole into memory: refuse absurd sizes (about 300 bytes an entry).
 MAX_INDEX_BYTES = 2 * 1024 * 1024 * 1024
+# One entry a line, keys sorted: readable with a pager, diffable between two sets.
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=True, separators=(",", ":"))
 
 
 def check_full_every(value):
@@ -98,8 +110,8 @@ def chain_of(manifest):
             "the manifest was damaged or tampered with: use another set",
         )
     names = [a.get("name") for a in manifest.get("artifacts", ())]
-    if INDEX not in names:
-        raise IntegrityError("set %s of a chain has no index artifact" % set_id)
+    if INDEX not in names or (chain["level"] == FULL and "files" not in names):
+        raise IntegrityError("set %s of a chain lacks its index or its archive" % set_id)
     return chain
 
 
@@ -192,7 +204,7 @@ def encode_index(set_id, entries, deleted):
             sort_keys=True,
         )
     ]
-    lines.extend(json.dumps(entry, sort_keys=True, ensure_ascii=True) for entry in entries)
+    lines.extend(_ENCODER.encode(entry) for entry in entries)
     index = ("\n".join(lines) + "\n").encode("ascii")
     gone = b"".join(name.encode("utf-8", "surrogateescape") + b"\0" for name in deleted)
     out = io.BytesIO()
@@ -230,12 +242,13 @@ def _bad(set_id, what):
 
 
 def _int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return type(value) is int and value >= 0
 
 
-def decode_index(data, set_id, holders):
+def decode_index(data, set_id, holders, written_by=None):
     """(entries in archive order, deleted names) of an index artifact's bytes, every
-    entry checked (``holders``: the sets a file's bytes may come from)."""
+    entry checked (``holders``: the sets a file's bytes may come from; ``written_by``:
+    the set whose run wrote these bytes, when a set reuses an earlier set's index)."""
     members = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
@@ -261,16 +274,19 @@ def decode_index(data, set_id, holders):
         not isinstance(header, dict)
         or header.get("format") != INDEX_FORMAT
         or header.get("version") != INDEX_VERSION
-        or header.get("set_id") != set_id
+        or header.get("set_id") != (written_by or set_id)
         or header.get("entries") != len(lines) - 1
     ):
         raise _bad(set_id, "its header does not describe an index of this set")
+    try:
+        # One parse for the whole list: a line that is not one JSON value breaks it.
+        parsed = json.loads("[" + ",".join(lines[1:]) + "]")
+    except (ValueError, RecursionError):
+        raise _bad(set_id, "an entry is not JSON") from None
+    if len(parsed) != len(lines) - 1:
+        raise _bad(set_id, "its entries are not one a line")
     entries, names = [], set()
-    for number, line in enumerate(lines[1:], 2):
-        try:
-            entry = json.loads(line)
-        except (ValueError, RecursionError):
-            raise _bad(set_id, "line %d is not JSON" % number) from None
+    for number, entry in enumerate(parsed, 2):
         problem = _entry_problem(entry, holders)
         if problem is None and entry["name"] in names:
             problem = "it lists %r twice" % entry["name"]
@@ -297,13 +313,19 @@ def _entry_problem(entry, holders):
     name = entry.get("name")
     if not isinstance(name, str) or not name or "\0" in name or name.endswith("/"):
         return "malformed name"
-    why = unsafe_member(name)
-    if why:
-        return "name %r is unsafe (%s)" % (name, why)
+    if name[0] == "/" or ".." in name:  # the full rule only where it may apply
+        why = unsafe_member(name)
+        if why:
+            return "name %r is unsafe (%s)" % (name, why)
     kind = entry.get("type")
     if kind not in TYPES:
         return "%r has an unknown type" % name
-    if not all(_int(entry.get(field)) for field in ("mode", "uid", "gid", "mtime")):
+    if not (
+        _int(entry.get("mode"))
+        and _int(entry.get("uid"))
+        and _int(entry.get("gid"))
+        and _int(entry.get("mtime"))
+    ):
         return "%r has a malformed mode, owner or mtime" % name
     if kind == "l":
         why = (
@@ -335,7 +357,49 @@ def read_index(repo, manifest, gpg_session):
     collector = IndexCollector()
     stream_into(repo, manifest["id"], artifact, manifest, gpg_session, consumer=collector)
     holders = set(dependencies(manifest)) | {manifest["id"]}
-    return decode_index(collector.data(), manifest["id"], holders)
+    return decode_index(collector.data(), manifest["id"], holders, written_by(manifest))
+
+
+def written_by(manifest):
+    """The set whose run wrote ``manifest``'s index bytes (an unchanged set reuses them)."""
+    chain = chain_of(manifest)
+    return (chain or {}).get("index_from") or manifest["id"]
+
+
+def fingerprint(key, entries, salt=None):
+    """What the change detection of a whole tree compares (every entry's name, type,
+    mode, owner, mtime, link, size and stamp), as a MAC keyed from the passphrase: in
+    the clear manifest it tells nothing about the tree. None without a key."""
+    if key is None:
+        return None
+    digest = hashlib.sha256()
+    for e in entries:
+        fields = [e["name"], e["type"], e["mode"], e["uid"], e["gid"], e["mtime"]]
+        fields += [e.get("link"), e.get("size"), e.get("stamp")]
+        digest.update(_ENCODER.encode(fields).encode("ascii") + b"\n")
+    salt = salt if salt is not None else key.seal_salt()
+    return {"salt": salt.hex(), "mac": key.mac(salt, "tree", {"sha256": digest.hexdigest()})}
+
+
+def unchanged_since(parent_manifest, key, entries):
+    """Whether ``entries`` (an lstat walk) are exactly the tree ``parent_manifest``'s set
+    stored, judged by its fingerprint; never for a set that missed or caught a file
+    changing (its next run must read again)."""
+    files = parent_manifest.get("files") or {}
+    recorded = (chain_of(parent_manifest) or {}).get("fingerprint")
+    if (
+        key is None
+        or not isinstance(recorded, dict)
+        or files.get("unreadable")
+        or files.get("changed")
+        or files.get("skipped")
+    ):
+        return False
+    try:
+        salt = bytes.fromhex(recorded["salt"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return fingerprint(key, entries, salt) == recorded
 
 
 def summarize(entries):
@@ -347,6 +411,14 @@ def summarize(entries):
         "directories": sum(1 for e in entries if e["type"] == "d"),
         "symlinks": sum(1 for e in entries if e["type"] == "l"),
     }
+
+
+def same_layout(previous, entries):
+    """Whether the directories and links of ``entries`` are those of the previous index
+    (names, modes, owners, times, targets): then a set storing no file needs no archive."""
+    ours = [e for e in entries if e["type"] != "f"]
+    theirs = [e for e in previous.values() if e["type"] != "f"]
+    return ours == theirs
 
 
 def deleted_names(previous, entries):
@@ -361,6 +433,9 @@ class Parent(object):
     """The set a new incremental set builds on: its manifest, the chain record the new
     set gets, and the previous index by name."""
 
+    unchanged = False  # the tree is exactly the parent's: reuse its index as it is
+    source = None  # the repository to copy the parent's index from
+
     def __init__(self, manifest, entries):
         self.manifest = manifest
         self.entries = {e["name"]: e for e in entries}
@@ -373,12 +448,55 @@ def full_chain_record():
     return {"level": FULL, "sets": [], "macs": []}
 
 
-def choose_parent(repositories, unreachable, options, key, gpg_session):
-    """(Parent or None, why a full set is taken instead or None)."""
+def index_source(repositories, unreachable):
+    """The repository a new set reads its parent's index from: a local one if any."""
     reachable = [r for r in repositories if r.url not in unreachable]
-    # Read the index from a local copy when there is one: no download.
     reachable.sort(key=lambda r: r.kind != "local")
-    first = reachable[0]
+    return reachable[0], reachable
+
+
+class BackgroundArtifact(object):
+    """An artifact streamed on a thread from now on, its bytes given later (``finish``):
+    gpg derives its key while the archive is still being written."""
+
+    def __init__(self, writing, filename):
+        self._queue = queue.Queue(maxsize=1)
+        self.result = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(writing, filename))
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _source(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+    def _run(self, writing, filename):
+        try:
+            self.result = writing.stream(filename, [], self._source())
+        except BaseException as exc:  # raised again by finish()
+            self.error = exc
+
+    def finish(self, data):
+        """(artifact entry, locations) once ``data`` went through; raises its failure."""
+        self._queue.put(data)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def cancel(self):
+        if self.thread.is_alive():
+            self._queue.put(IntegrityError("the set was abandoned before its index was written"))
+            self.thread.join()
+
+
+def choose_parent(repositories, unreachable, options, key, unchanged=None):
+    """(Parent or None, why a full set is taken instead or None), its index not read yet
+    (``load_index``). ``unchanged(manifest)``: whether the tree is exactly the
+    candidate's; then the new set reuses its index as it is (``Parent.unchanged``)."""
+    first, reachable = index_source(repositories, unreachable)
     try:
         parent_id = first.read_latest(options.name, key)
         if parent_id is None:
@@ -407,10 +525,26 @@ def choose_parent(repositories, unreachable, options, key, gpg_session):
             problem = _chain_problem(repo, parent, key)
             if problem:
                 return None, problem
-        entries, _deleted = read_index(first, manifest, gpg_session)
+        if (
+            unchanged is not None
+            and manifest["compression"]["algorithm"] == options.compression
+            and unchanged(manifest)
+        ):
+            parent.unchanged = True
+        parent.source = first
     except BackupError as exc:
         return None, "the previous set could not be used as a parent: %s" % exc
-    return Parent(manifest, entries), None
+    return parent, None
+
+
+def load_index(parent, gpg_session):
+    """(parent with its index entries, None), or (None, why a full set is taken)."""
+    try:
+        entries, _deleted = read_index(parent.source, parent.manifest, gpg_session)
+    except BackupError as exc:
+        return None, "the previous set could not be used as a parent: %s" % exc
+    parent.entries = {e["name"]: e for e in entries}
+    return parent, None
 
 
 def _chain_problem(repo, parent, key):
@@ -449,9 +583,13 @@ class ContentCheck(object):
         set_id = manifest["id"]
         try:
             holders = set(dependencies(manifest)) | {set_id}
-            entries, deleted = decode_index(self.collector.data(), set_id, holders)
+            entries, deleted = decode_index(
+                self.collector.data(), set_id, holders, written_by(manifest)
+            )
         except IntegrityError as exc:
             return "fail", str(exc)
+        if written_by(manifest) != set_id:
+            deleted = []  # the reused index's list belongs to the set that wrote it
         files = manifest.get("files") or {}
         tree = summarize(entries)
         own = [e for e in entries if e["type"] == "f" and e.get("set") == set_id]

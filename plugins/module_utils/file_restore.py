@@ -665,7 +665,11 @@ def _extract_chain(repo, manifest, work, options, session, warnings):
         holds = wanted.pop(member["id"], None)
         if not holds:
             continue
-        artifact = next(a for a in member["artifacts"] if a["name"] == ARTIFACT_NAME)
+        artifact = next((a for a in member["artifacts"] if a["name"] == ARTIFACT_NAME), None)
+        if artifact is None:
+            raise IntegrityError(
+                "the index of %s names files in set %s, which stores none" % (set_id, member["id"])
+            )
         recorded = _manifest_files(member)
         extractor = ChainTarExtractor(
             work,

@@ -191,14 +191,27 @@ def test_full_and_two_incrementals_each_restore_their_exact_tree(tmp_path, passp
         assert outcome["ok"], outcome["failures"]
         assert [c["status"] for c in outcome["checks"] if c["name"] == "chain"] == ["ok"]
 
-    # The README's by-hand procedure gives the same tree (under the archive's root name).
-    hand = tmp_path / "by-hand"
-    by_hand(tmp_path / "repo", third["set_id"], passphrase_file, hand, tmp_path / "gnupg")
-    assert snapshot(hand / "0-uploads") == trees[2]
-    # Nothing changed: the next set stores no file, only directory and link headers.
+    # Nothing changed: the next set is its index alone, no archive.
     fourth = file_backup.run_file_backup([repo], options(root, passphrase_file))
     assert (fourth["files"]["count"], fourth["files"]["reused"]) == (0, 6)
-    assert fourth["size"] < 4096
+    assert [a["name"] for a in fourth["artifacts"]] == ["index"]
+    # ... the third set's index as stored: no file opened, no gpg run (its fingerprint matched).
+    assert fourth["files"]["chain"]["index_from"] == third["set_id"]
+    assert fourth["artifacts"][0]["sha256"] == third["artifacts"][1]["sha256"]
+    restored = restore(repo, tmp_path / "restored-3", fourth["set_id"], passphrase_file)
+    assert snapshot(tmp_path / "restored-3") == trees[2] and len(restored["chain"]) == 4
+    outcome = verify_set(
+        repo,
+        set_id=fourth["set_id"],
+        passphrase_file=str(passphrase_file),
+        size_tolerance_percent=50,
+        max_age_hours=0,
+    )
+    assert outcome["ok"], outcome["failures"]
+    # The README's by-hand procedure gives the same tree (under the archive's root name).
+    hand = tmp_path / "by-hand"
+    by_hand(tmp_path / "repo", fourth["set_id"], passphrase_file, hand, tmp_path / "gnupg")
+    assert snapshot(hand / "0-uploads") == trees[2]
 
 
 def test_full_every_paths_and_a_missing_target_copy_start_a_new_full_set(

@@ -4,7 +4,7 @@ VENV ?= $(CURDIR)/.venv
 PYTHON := $(VENV)/bin/python
 export VENV
 
-.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults test-hosts test-hosts-clean sanity galaxy-import bench bench-restore clean
+.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults test-hosts test-hosts-clean sanity galaxy-import bench bench-restore bench-files clean
 
 help:
 	@echo "make demo   - back up a local PostgreSQL (throwaway sample cluster unless DATABASE_URL is set)"
@@ -12,6 +12,7 @@ help:
 	@echo "make test-hosts - Debian 12 test hosts in podman (images built once, then cached)"
 	@echo "make bench  - time a backup against bare pg_dump baselines (BENCH_SCALE=...)"
 	@echo "make bench-restore - time the restore rehearsal against bare pg_restore (BENCH_SCALE=...)"
+	@echo "make bench-files - incremental file sets: an hourly run against a full one (10,240 files, 1.1 GB)"
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -63,6 +64,9 @@ bench: bootstrap
 
 bench-restore: bootstrap
 	$(PYTHON) bench/bench_restore.py
+
+bench-files: bootstrap
+	$(PYTHON) bench/bench_files.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache tests/output

@@ -791,17 +791,33 @@ def status_group(path, args, now, thresholds, metrics_dir):
         AuditLog(config["audit_log"]).record(
             "read", "ok", database=database_name(config), repositories=repository_names(config)
         )
-    return gather_group(
-        database_name(config),
-        locations_of(config),
-        key,
-        now,
-        audit_log=config.get("audit_log"),
-        metrics_dir=metrics_dir,
-        restore_test_log=args.restore_test_log,
-        thresholds=thresholds,
-        limit=args.limit,
-    )
+    groups = [
+        gather_group(
+            database_name(config),
+            locations_of(config),
+            key,
+            now,
+            audit_log=config.get("audit_log"),
+            metrics_dir=metrics_dir,
+            restore_test_log=args.restore_test_log,
+            thresholds=thresholds,
+            limit=args.limit,
+        )
+    ]
+    if config.get("cluster"):
+        # The cluster's base backups and how far its WAL reaches (point-in-time
+        # recovery); they are weekly, and rehearsed by dr_point_in_time.yml, not cron.
+        groups.append(
+            gather_group(
+                config["cluster"],
+                locations_of(config),
+                key,
+                now,
+                thresholds=Thresholds(BASE_BACKUP_MAX_AGE_HOURS, thresholds.verify_max_age_days, 0),
+                limit=args.limit,
+            )
+        )
+    return groups
 
 
 def run_status(args):
@@ -825,15 +841,16 @@ def run_status(args):
     groups, code = [], EXIT_OK
     for path in paths:
         try:
-            group = status_group(path, args, now, thresholds, metrics_dir)
+            found = status_group(path, args, now, thresholds, metrics_dir)
         except ConfigError as exc:
-            group, code = error_group(path, "config %s: %s" % (path, exc)), EXIT_CONFIG
+            found, code = [error_group(path, "config %s: %s" % (path, exc))], EXIT_CONFIG
         except BackupError as exc:
-            group = error_group(path, "config %s: %s" % (path, exc))
+            found = [error_group(path, "config %s: %s" % (path, exc))]
             code = code or EXIT_FAILED
-        if group.get("errors"):
-            code = code or EXIT_FAILED
-        groups.append(group)
+        for group in found:
+            if group.get("errors"):
+                code = code or EXIT_FAILED
+            groups.append(group)
     report = build_status(groups, now, thresholds)
     try:
         if args.json:
@@ -848,6 +865,8 @@ def run_status(args):
 
 
 PROGRESS_INTERVAL_SECONDS = 10.0
+# Base backups are weekly by default (role pg_wal_archiving): overdue after 8 days.
+BASE_BACKUP_MAX_AGE_HOURS = 8 * 24.0
 
 
 def _progress_line(text):

@@ -239,6 +239,8 @@ def set_rows(entries, urls, now, tz=None):
                 kind=manifest.get("kind", "database"),
                 encrypted=(manifest.get("encryption") or {}).get("method", "none") != "none",
             )
+            if first.get("recovery_window"):
+                row["recovery_window"] = first["recovery_window"]
         row["copies"] = []
         for url in urls:
             copy = copy_state(copies.get(url))
@@ -563,7 +565,7 @@ def group_status(
         problems.append("the last restore test FAILED: %s" % describe_test(last_test, now, tz))
     return {
         "name": name,
-        "kind": "files" if kinds == {"files"} else "database",
+        "kind": next(iter(kinds)) if len(kinds) == 1 else "database",
         "repositories": list(urls),
         "authenticated": bool(authenticated),
         "sets": rows[:limit] if limit else rows,
@@ -617,6 +619,21 @@ def _table(header, rows):
     ]
 
 
+def recovery_window_text(rows):
+    """Where point-in-time recovery can reach (base backups + archived WAL): from the
+    oldest listed base backup's consistent point to the newest archived segment."""
+    windows = [r["recovery_window"] for r in rows if r.get("recovery_window")]
+    if not windows:
+        return None
+    earliest = min((w["earliest"] for w in windows if w.get("earliest")), default=None)
+    latest = max((w["latest"] for w in windows if w.get("latest")), default=None)
+    text = "%s -> %s" % (earliest or "?", latest or "?")
+    problems = [w["problem"] for w in windows[:1] if w.get("problem")]
+    if problems:
+        text += " (newest base backup: %s)" % problems[0]
+    return text
+
+
 def render_group(group):
     """The lines of one group's table."""
     title = "%s (%s)" % (group["name"], group["kind"] or "unreadable")
@@ -644,6 +661,9 @@ def render_group(group):
             lines.append("... and %d older set(s) (--limit)" % group["older_sets"])
     else:
         lines.append("no backup sets")
+    window = recovery_window_text(group["sets"])
+    if window:
+        lines.append("recovery window: %s" % window)
     lines.append("last restore test: %s" % group["restore_test_text"])
     if group["overdue"]:
         lines.extend("OVERDUE: %s" % item["message"] for item in group["overdue"])

@@ -21,6 +21,7 @@ import os
 import stat
 
 from . import status
+from .basebackup import add_recovery_windows
 from .catalog import list_catalog
 from .errors import BackupError, ConfigError, StoreError
 from .metrics import read_job_metrics
@@ -115,7 +116,8 @@ def gather_group(
             continue
         urls.append(repo.url)
         try:
-            entries.extend(list_catalog(repo, key=key))
+            # Base backups carry how far their archived WAL reaches.
+            entries.extend(add_recovery_windows(repo, list_catalog(repo, key=key), key))
         except BackupError as exc:
             errors.append("repository %s cannot be read: %s" % (repo.url, exc))
     if metrics_dir:

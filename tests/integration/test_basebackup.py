@@ -149,6 +149,17 @@ def test_agent_base_backup_verify_window_restore_and_replay(bed, root_passphrase
     assert window["earliest"] == manifest["stop_time"]
     assert window["latest"] and window["latest"] > window["earliest"]
     assert window["latest_wal"] >= manifest["stop_wal"]
+    # The status table shows the cluster's base backups and how far recovery reaches.
+    shown = bed.agent("status", "--json")
+    assert shown.returncode in (0, 1), shown.stdout + shown.stderr
+    groups = {g["name"]: g for g in json.loads(shown.stdout)["groups"]}
+    assert groups["main"]["kind"] == "basebackup"
+    (row,) = [r for r in groups["main"]["sets"] if r["id"] == result["set_id"]]
+    assert row["recovery_window"]["earliest"] == manifest["stop_time"]
+    assert not [o for o in groups["main"]["overdue"] if o["check"] == "restore_test"]
+    table = bed.agent("status").stdout
+    assert "main (basebackup)" in table
+    assert "recovery window: %s -> " % manifest["stop_time"] in table
 
     # Not under tmp_path: concurrent pytest runs reset /tmp/pytest-of-root to 0700, which
     # the server's account could then no longer traverse.

@@ -382,3 +382,28 @@ def test_render_has_one_table_per_group_and_json_flags_overdue():
 
 def test_several_s3_targets_get_numbered_columns():
     assert st._columns([LOCAL, S3, "s3://dr/db"]) == ["LOCAL", "S3", "S3 #2"]
+
+
+def test_recovery_window_spans_the_listed_base_backups():
+    rows = [
+        {
+            "id": "b",
+            "recovery_window": {
+                "earliest": "2026-11-29T02:00:05Z",
+                "latest": None,
+                "problem": "WAL 000000010000000000000009 is not archived",
+            },
+        },
+        {
+            "id": "a",
+            "recovery_window": {
+                "earliest": "2026-11-22T02:00:04Z",
+                "latest": "2026-12-03T11:55:00.123456Z",
+            },
+        },
+        {"id": "dump"},
+    ]
+    text = st.recovery_window_text(rows)
+    assert text.startswith("2026-11-22T02:00:04Z -> 2026-12-03T11:55:00.123456Z")
+    assert "not archived" in text
+    assert st.recovery_window_text([{"id": "dump"}]) is None

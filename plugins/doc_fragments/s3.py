@@ -80,6 +80,30 @@ options:
       - Storage class of uploaded objects, for example V(STANDARD_IA) or V(GLACIER_IR).
       - Only used when this module uploads; modules that only read accept it and ignore it.
     type: str
+  object_lock:
+    description:
+      - S3 Object Lock for the objects of every set this module writes (its artifacts and manifest), so that
+        nobody holding these credentials, or any others, can delete or overwrite them before the date.
+      - The bucket must have Object Lock enabled (created with it); otherwise the module refuses before
+        writing anything.
+      - Modules that only read accept it and ignore it; in a bucket with Object Lock enabled they read each
+        set as first written (whatever was put over it or hidden behind a delete marker since) and report
+        its lock. See the README section "Immutable backups (S3 Object Lock)".
+    type: dict
+    suboptions:
+      mode:
+        description:
+          - V(COMPLIANCE) nobody can shorten or remove the lock, not even the account's root user.
+          - V(GOVERNANCE) identities granted C(s3:BypassGovernanceRetention) can.
+        type: str
+        required: true
+        choices: [GOVERNANCE, COMPLIANCE]
+      days:
+        description:
+          - Days each set stays locked from the moment it is written (1 to 36500). Retention keeps a set
+            it would delete until then, and reports it as locked with the date.
+        type: int
+        required: true
 """
 
     # Where a new set goes in S3 (pg_dump, files_backup): any number of locations at once.
@@ -118,4 +142,25 @@ options:
       storage_class:
         description: Storage class of the objects.
         type: str
+      object_lock:
+        description:
+          - S3 Object Lock for every object of the set (its artifacts and manifest), so that nobody, with
+            these credentials or any others, can delete or overwrite them before the date. Verification records
+            and the C(latest) pointer are rewritten by design and are not locked (they are sealed, so a forged
+            one is refused).
+          - The bucket must have Object Lock enabled (created with it); otherwise the module refuses before
+            writing anything. See the README section "Immutable backups (S3 Object Lock)".
+        type: dict
+        suboptions:
+          mode:
+            description:
+              - V(COMPLIANCE) nobody can shorten or remove the lock, not even the account's root user.
+              - V(GOVERNANCE) identities granted C(s3:BypassGovernanceRetention) can.
+            type: str
+            required: true
+            choices: [GOVERNANCE, COMPLIANCE]
+          days:
+            description: Days each set stays locked from the moment it is written (1 to 36500).
+            type: int
+            required: true
 """

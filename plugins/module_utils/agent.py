@@ -368,7 +368,11 @@ def check_config(config):
             raise ConfigError("every entry of s3_targets needs a bucket (got %r)" % (target,))
         _check_unknown("s3_targets[%d]" % index, target, S3_LOCATION_ARGS)
         for key, value in target.items():
-            _check_kind("s3_targets[%d].%s" % (index, key), value, "string")
+            _check_kind(
+                "s3_targets[%d].%s" % (index, key),
+                value,
+                "object" if key == "object_lock" else "string",
+            )
     verify = config.get("verify")
     _check_kind("verify", verify, "object")
     _check_unknown("verify", verify or {}, VERIFY_KEYS)
@@ -551,7 +555,10 @@ def cmd_retention(config, args):
         "changed": any(r["changed"] for r in results),
         "deleted": [i for r in results for i in r["deleted"]],
         "repositories": [
-            {k: r.get(k) for k in ("repository", "kept", "deleted", "corrupt", "warnings", "wal")}
+            {
+                k: r.get(k)
+                for k in ("repository", "kept", "deleted", "corrupt", "locked", "warnings", "wal")
+            }
             for r in results
         ],
     }

@@ -308,6 +308,8 @@ def catalog_entry(repo, set_id, key=None):
     }
     if verification and verification.get("detail"):
         entry["verification_detail"] = verification["detail"]
+    # S3 Object Lock on the manifest as the store enforces it (None: not locked).
+    entry["object_lock"] = repo.object_lock_of(set_id)
     restore_test = load_restore_test(repo, set_id, manifest, key)
     entry["restore_tested_at"] = restore_test.get("tested_at") if restore_test else None
     if restore_test:

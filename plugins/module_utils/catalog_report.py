@@ -45,6 +45,7 @@ SUMMARY_FIELDS = (
     "restore_tested_at",
     "restore_test_rto_seconds",
     "restore_test_rpo_seconds",
+    "object_lock",
 )
 # Length of the "20261122T010000Z-" prefix and the "-1a2b3c" suffix of a set id.
 _ID_TIME_PREFIX = 17

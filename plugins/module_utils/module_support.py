@@ -38,6 +38,15 @@ S3_LOCATION_ARGS = dict(
     sse=dict(type="str", default="none", choices=list(s3util.SSE_CHOICES)),
     kms_key_id=dict(type="str", no_log=False),
     storage_class=dict(type="str"),
+    # Used by modules that write sets; readers accept it so one set of S3 variables
+    # serves every module (and find locked sets through the bucket's own configuration).
+    object_lock=dict(
+        type="dict",
+        options=dict(
+            mode=dict(type="str", required=True, choices=list(s3util.OBJECT_LOCK_MODES)),
+            days=dict(type="int", required=True),
+        ),
+    ),
 )
 
 AUDIT_ARGS = dict(audit_log=dict(type="path"))
@@ -105,6 +114,7 @@ def s3_repository(target, params):
         * s3util.MiB,
         concurrency=params.get("s3_concurrency") or 4,
         extra_args=extra,
+        object_lock=target.get("object_lock"),
     )
 
 

@@ -433,6 +433,9 @@ class LocalRepository(object):
     def archived_artifacts(self, set_id, filenames):
         return []
 
+    def object_lock_of(self, set_id, filenames=(MANIFEST,)):
+        return None  # S3 Object Lock only
+
     def write_verification(self, set_id, data):
         self.write_record(set_id, VERIFICATION, data)
 
@@ -625,6 +628,12 @@ class S3SetWriter(object):
         self.repo = repo
         self.set_id = set_id
         self.sinks = []
+        # One retain-until date for every object of the set (artifacts and manifest), so
+        # the whole set unlocks at one moment: retention then never finds half a set.
+        self.lock_args = {}
+        if repo.object_lock is not None:
+            mode, days = repo.object_lock
+            self.lock_args = s3util.lock_args(mode, utc_now() + datetime.timedelta(days=days))
 
     def sink(self, filename):
         key = self.repo.key(self.set_id, check_file_name(filename))
@@ -634,7 +643,7 @@ class S3SetWriter(object):
             key,
             self.repo.part_size,
             self.repo.concurrency,
-            self.repo.extra_args,
+            dict(self.repo.extra_args, **self.lock_args),
         )
         self.sinks.append(sink)
         return sink
@@ -648,7 +657,7 @@ class S3SetWriter(object):
             self.repo.bucket,
             self.repo.key(self.set_id, MANIFEST),
             dump_json(manifest),
-            self.repo.record_args,
+            dict(self.repo.record_args, **self.lock_args),
         )
 
     def abort(self):
@@ -667,6 +676,7 @@ class S3Repository(object):
         part_size=s3util.DEFAULT_PART_SIZE,
         concurrency=s3util.DEFAULT_CONCURRENCY,
         extra_args=None,
+        object_lock=None,
     ):
         if not bucket or "/" in bucket:
             raise ConfigError(
@@ -682,6 +692,14 @@ class S3Repository(object):
         # Manifests, verification records and pointers stay readable (STANDARD) whatever
         # class the artifacts go to: a catalog must never need a restore from archive.
         self.record_args = {k: v for k, v in self.extra_args.items() if k != "StorageClass"}
+        # (mode, days) every object of a new set is locked with; None: no lock asked for.
+        # Only artifacts and manifests are locked: they are written once and are the
+        # backup. Verification and restore-test records and ``latest`` pointers are
+        # rewritten by design and sealed (a forged one is refused), and losing one loses
+        # no data: a set can always be verified again.
+        self.object_lock = s3util.check_object_lock(object_lock)
+        self._lock_enabled = None
+        self._first_versions = {}
 
     @property
     def url(self):
@@ -692,12 +710,47 @@ class S3Repository(object):
 
     def check_writable(self):
         s3util.check_bucket(self.client, self.bucket)
+        if self.object_lock is not None:
+            s3util.require_object_lock(self.client, self.bucket)
 
     def ensure_layout(self):
         return []
 
+    def versioned_reads(self):
+        """Whether sets are read as first written (bucket with Object Lock enabled).
+
+        There, someone with the backup's credentials can still put a new version over a
+        locked object or a delete marker on it (only the stored version is immutable):
+        reading the oldest version of each write-once object (artifacts, manifest) and
+        listing sets from versions restores the set as written, whatever was put over it.
+        An identity that may not read the lock configuration reads current versions.
+        """
+        if self._lock_enabled is None:
+            try:
+                self._lock_enabled = s3util.bucket_object_lock(self.client, self.bucket) is not None
+            except StoreError:
+                self._lock_enabled = False
+        return self._lock_enabled
+
+    def _first_version(self, key):
+        """VersionId of the object as first written (versioned reads), or None."""
+        if not self.versioned_reads():
+            return None
+        if key not in self._first_versions:
+            versions = s3util.list_versions(self.client, self.bucket, key)
+            self._first_versions.update(
+                s3util.first_versions(v for v in versions if v["Key"] == key)
+            )
+        return self._first_versions.get(key)
+
     def set_ids(self):
-        keys = s3util.list_keys(self.client, self.bucket, s3util.join_key(self.prefix, SETS) + "/")
+        sets_prefix = s3util.join_key(self.prefix, SETS) + "/"
+        if self.versioned_reads():
+            versions = s3util.list_versions(self.client, self.bucket, sets_prefix)
+            self._first_versions.update(s3util.first_versions(versions))
+            keys = list(self._first_versions)
+        else:
+            keys = s3util.list_keys(self.client, self.bucket, sets_prefix)
         ids = set()
         for key in keys:
             parts = key.split("/")
@@ -707,35 +760,55 @@ class S3Repository(object):
 
     def read_file(self, set_id, filename):
         key = self.key(set_id, check_file_name(filename))
-        if s3util.object_info(self.client, self.bucket, key) is None:
+        # The manifest is written once: read it as first written. Records next to it
+        # (verification, restore test) are rewritten: read the current one.
+        version = self._first_version(key) if filename == MANIFEST else None
+        if s3util.object_info(self.client, self.bucket, key, version) is None:
             return None
-        return s3util.get_bytes(self.client, self.bucket, key)
+        return s3util.get_bytes(self.client, self.bucket, key, version)
 
     def open_artifact(self, set_id, filename):
-        return s3util.open_stream(
-            self.client, self.bucket, self.key(set_id, check_file_name(filename))
-        )
+        key = self.key(set_id, check_file_name(filename))
+        return s3util.open_stream(self.client, self.bucket, key, self._first_version(key))
+
+    def _artifact_info(self, set_id, filename):
+        key = self.key(set_id, check_file_name(filename))
+        return s3util.object_info(self.client, self.bucket, key, self._first_version(key))
 
     def artifact_size(self, set_id, filename):
-        info = s3util.object_info(
-            self.client, self.bucket, self.key(set_id, check_file_name(filename))
-        )
+        info = self._artifact_info(set_id, filename)
         return None if info is None else info.get("ContentLength")
+
+    def object_lock_of(self, set_id, filenames=(MANIFEST,)):
+        """The Object Lock still holding ``filenames`` of a set (as first written):
+        {"mode", "retain_until" (the latest of them), "legal_hold"}, or None when none
+        of them is locked any more (or the bucket has no Object Lock)."""
+        if not self.versioned_reads():
+            return None
+        now = utc_now()
+        modes, until, hold = set(), None, False
+        for name in filenames:
+            mode, retain_until, legal_hold = s3util.object_lock_state(
+                self._artifact_info(set_id, name), now
+            )
+            if mode:
+                modes.add(mode)
+                until = retain_until if until is None else max(until, retain_until)
+            hold = hold or bool(legal_hold)
+        if not modes and not hold:
+            return None
+        return {
+            "mode": "COMPLIANCE" if "COMPLIANCE" in modes else (modes.pop() if modes else None),
+            "retain_until": isoformat(until) if until is not None else None,
+            "legal_hold": hold,
+        }
 
     def location(self, set_id, filename):
         return "s3://%s/%s" % (self.bucket, self.key(set_id, check_file_name(filename)))
 
     def archived_artifacts(self, set_id, filenames):
         """Those of ``filenames`` that sit in archive storage, not readable now."""
-        return [
-            name
-            for name in filenames
-            if s3util.archived(
-                s3util.object_info(
-                    self.client, self.bucket, self.key(set_id, check_file_name(name))
-                )
-            )
-        ]
+        return [name for name in filenames if s3util.archived(self._artifact_info(set_id, name))]
 
     def write_verification(self, set_id, data):
         self.write_record(set_id, VERIFICATION, data)
@@ -844,8 +917,19 @@ class S3Repository(object):
 
     def delete_set(self, set_id):
         prefix = s3util.join_key(self.prefix, SETS, check_set_id(set_id)) + "/"
-        keys = list(s3util.list_keys(self.client, self.bucket, prefix))
         manifest = prefix + MANIFEST
+        if self.versioned_reads():
+            # Sets are listed from versions here: delete every version and delete marker
+            # (the manifest's first), or the set would still be listed, and still stored.
+            versions = s3util.list_versions(self.client, self.bucket, prefix)
+            pairs = [(v["Key"], v["VersionId"]) for v in versions]
+            s3util.delete_versions(self.client, self.bucket, [p for p in pairs if p[0] == manifest])
+            s3util.delete_versions(self.client, self.bucket, [p for p in pairs if p[0] != manifest])
+            for key in list(self._first_versions):
+                if key.startswith(prefix):
+                    del self._first_versions[key]
+            return
+        keys = list(s3util.list_keys(self.client, self.bucket, prefix))
         if manifest in keys:
             s3util.delete_keys(self.client, self.bucket, [manifest])
         s3util.delete_keys(self.client, self.bucket, [k for k in keys if k != manifest])

@@ -24,7 +24,8 @@ Whatever the policy, these safety rules hold for each database separately:
   set's chain, file_chain.py) is kept, "needed by" the newest set that needs it;
 * a set dated after ``now`` (a host clock that was wrong) is kept and takes no slot;
 * corrupt entries (a manifest that does not parse) are reported, never touched;
-* a plan that would leave a database without any complete set is refused.
+* a plan that would leave a database without any complete set is refused;
+* a set still under S3 Object Lock is kept (reported with the date it unlocks).
 
 Base backups (kind ``basebackup``) are sets of their cluster's name and follow the same
 policy; after the sets, the cluster's WAL older than the start_wal of its earliest kept
@@ -60,6 +61,7 @@ UNAUTHENTICATED_REASON = (
     "whether it is a set written before records were sealed or a planted one"
 )
 DELETE_REASON = "not kept by the policy"
+LOCKED_REASON = "S3 Object Lock (%s) until %s: kept until it unlocks"
 
 # (attribute, option name, period label) in the order reasons are listed.
 RULES = (
@@ -283,6 +285,36 @@ def check_plan(decisions):
     return decisions
 
 
+def keep_locked(repo, entries, decisions, warnings):
+    """Turn the deletion of a set still under S3 Object Lock (any of its objects: a
+    retention date not reached, or a legal hold) into a keep, with the date it unlocks:
+    S3 would refuse the deletion, and one locked set must not fail the whole run.
+    Returns [{"id", "mode", "retain_until", "legal_hold"}] of the sets kept so."""
+    manifests = {e["id"]: e.get("manifest") for e in entries if e.get("state") == "complete"}
+    locked = []
+    for decision in decisions:
+        if decision["action"] != DELETE:
+            continue
+        files = [MANIFEST] + [a["file"] for a in manifests[decision["id"]]["artifacts"]]
+        try:
+            lock = repo.object_lock_of(decision["id"], files)
+        except BackupError as exc:
+            # Unknown is not unlocked: keep it, and say why.
+            decision["action"] = KEEP
+            decision["reasons"] = ["Object Lock state unreadable (%s): left alone" % exc]
+            warnings.append("could not read the Object Lock of %s: %s" % (decision["id"], exc))
+            continue
+        if lock is None:
+            continue
+        decision["action"] = KEEP
+        decision["reasons"] = [
+            LOCKED_REASON % (lock["mode"] or "legal hold", lock["retain_until"] or "released")
+        ]
+        decision["object_lock"] = lock
+        locked.append(dict(lock, id=decision["id"]))
+    return locked
+
+
 def lock_paths_for(repositories):
     """Every lock a backup writing to any of ``repositories`` could hold.
 
@@ -325,7 +357,10 @@ def apply_retention(
     run would delete.  A real run also removes leftovers of killed runs older than
     ``stale_seconds`` (staging directories, unfinished S3 uploads).
 
-    Returns ``{"changed", "repository", "policy", "kept", "deleted", "corrupt",
+    A set the policy would delete but whose objects are still under S3 Object Lock is
+    kept, with the date it unlocks (``locked``); a later run deletes it.
+
+    Returns ``{"changed", "repository", "policy", "kept", "deleted", "corrupt", "locked",
     "decisions", "incomplete_removed", "warnings", "check_mode"}`` (set ids newest
     first; ``deleted`` lists what would be deleted in check mode).  If a deletion
     fails, the StoreError raised carries the partial result as ``exc.result``.
@@ -401,6 +436,7 @@ def _apply_locked(
             "would count like a real one" % repo.url
         )
     complete_ids = {e["id"] for e in entries if e.get("state") == "complete"}
+    locked = keep_locked(repo, entries, decisions, warnings)
     to_delete = [d["id"] for d in decisions if d["action"] == DELETE]
     if not set(to_delete) <= complete_ids:
         # plan() only ever deletes complete sets; never act on a plan that does not.
@@ -412,6 +448,7 @@ def _apply_locked(
         "kept": [d["id"] for d in decisions if d["action"] == KEEP and d["id"] in complete_ids],
         "deleted": list(to_delete),
         "corrupt": corrupt,
+        "locked": locked,
         "decisions": decisions,
         "incomplete_removed": [],
         "warnings": warnings,

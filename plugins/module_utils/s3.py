@@ -44,6 +44,9 @@ MAX_PARTS = 10000
 DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_CONCURRENCY = 4
 SSE_CHOICES = ("none", "AES256", "aws:kms")
+OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+# S3 accepts up to 100 years; a longer one is a typo (days for hours, an extra zero).
+MAX_LOCK_DAYS = 36500
 
 _HINTS = {
     "NoSuchBucket": "create the bucket or fix the bucket name and region",
@@ -55,6 +58,8 @@ _HINTS = {
     "SlowDown": "S3 kept throttling after every retry: run later or raise retries",
     "NoSuchKey": "the object is missing: the backup set may be incomplete or deleted",
     "InvalidStorageClass": "choose a storage class this endpoint supports",
+    "InvalidRequest": "an Object Lock bucket needs Content-MD5 and a versioned bucket; "
+    "check the bucket's Object Lock configuration",
     "InvalidObjectState": "the object is in archive storage (GLACIER / DEEP_ARCHIVE): restore it "
     "first (aws s3api restore-object) and run again once it is available",
 }
@@ -212,9 +217,14 @@ def list_common_prefixes(client, bucket, prefix):
     return names
 
 
+def _version(version_id):
+    """The VersionId keyword argument, when a version is asked for."""
+    return {"VersionId": version_id} if version_id else {}
+
+
 @s3_errors("download")
-def get_bytes(client, bucket, key):
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+def get_bytes(client, bucket, key, version_id=None):
+    return client.get_object(Bucket=bucket, Key=key, **_version(version_id))["Body"].read()
 
 
 @s3_errors("download")
@@ -229,19 +239,130 @@ def get_bytes_if_exists(client, bucket, key):
 
 
 @s3_errors("download")
-def open_stream(client, bucket, key):
-    return client.get_object(Bucket=bucket, Key=key)["Body"]
+def open_stream(client, bucket, key, version_id=None):
+    return client.get_object(Bucket=bucket, Key=key, **_version(version_id))["Body"]
 
 
 @s3_errors("head")
-def object_info(client, bucket, key):
-    """head_object result, or None when the key does not exist."""
+def object_info(client, bucket, key, version_id=None):
+    """head_object result, or None when the key (or that version of it) does not exist."""
     try:
-        return client.head_object(Bucket=bucket, Key=key)
+        return client.head_object(Bucket=bucket, Key=key, **_version(version_id))
     except _botocore().exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if exc.response.get("Error", {}).get("Code") in (
+            "404",
+            "NoSuchKey",
+            "NotFound",
+            "NoSuchVersion",
+            "405",  # HEAD of a delete marker
+        ):
             return None
         raise
+
+
+@s3_errors("list versions")
+def list_versions(client, bucket, prefix):
+    """Every version and delete marker under ``prefix``: dicts with Key, VersionId,
+    LastModified and DeleteMarker (bool)."""
+    found = []
+    paginator = client.get_paginator("list_object_versions")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Versions", []):
+            found.append(dict(item, DeleteMarker=False))
+        for item in page.get("DeleteMarkers", []):
+            found.append(dict(item, DeleteMarker=True))
+    return found
+
+
+def first_versions(versions):
+    """{key: VersionId of its oldest stored version} (delete markers are not versions):
+    the object as it was first written, whatever was put or deleted over it since."""
+    oldest = {}
+    # ListObjectVersions returns each key's versions newest first: the last one seen is
+    # the oldest (LastModified has one-second resolution on some stores: not a tie-break).
+    for item in versions:
+        if not item["DeleteMarker"] and item.get("VersionId"):
+            oldest[item["Key"]] = item["VersionId"]
+    return oldest
+
+
+@s3_errors("object lock check")
+def bucket_object_lock(client, bucket):
+    """The bucket's ObjectLockConfiguration, or None when Object Lock is not enabled."""
+    try:
+        response = client.get_object_lock_configuration(Bucket=bucket)
+    except _botocore().exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in (
+            "ObjectLockConfigurationNotFoundError",
+            "ObjectLockConfigurationNotFound",
+            "NoSuchObjectLockConfiguration",
+        ):
+            return None
+        raise
+    config = response.get("ObjectLockConfiguration") or {}
+    return config if config.get("ObjectLockEnabled") == "Enabled" else None
+
+
+def require_object_lock(client, bucket):
+    """Preflight of a target that asks for Object Lock: refuse (ConfigError) a bucket
+    where it is not enabled; the retention requested would silently not exist."""
+    if bucket_object_lock(client, bucket) is None:
+        raise ConfigError(
+            "bucket %s does not have S3 Object Lock enabled, but its target asks for "
+            "object_lock: the backups would not be immutable" % bucket,
+            "Object Lock can only be turned on for a bucket created with it (or, on AWS, "
+            "enabled later with put-object-lock-configuration on a versioned bucket): e.g. "
+            "aws s3api create-bucket --bucket NAME --object-lock-enabled-for-bucket; or "
+            "remove object_lock from this target. Nothing was written",
+        )
+
+
+def check_object_lock(object_lock):
+    """Validate a target's ``object_lock`` ({mode, days}); returns (mode, days) or None."""
+    if not object_lock:
+        return None
+    if not isinstance(object_lock, dict):
+        raise ConfigError(
+            "object_lock must be a mapping {mode, days}, got %r" % (object_lock,),
+            "e.g. object_lock: {mode: COMPLIANCE, days: 30}",
+        )
+    unknown = sorted(set(object_lock) - {"mode", "days"})
+    if unknown:
+        raise ConfigError(
+            "object_lock has unknown key(s): %s" % ", ".join(map(str, unknown)),
+            "give only mode and days, e.g. {mode: COMPLIANCE, days: 30}",
+        )
+    mode = object_lock.get("mode")
+    days = object_lock.get("days")
+    if mode not in OBJECT_LOCK_MODES:
+        raise ConfigError(
+            "object_lock.mode must be GOVERNANCE or COMPLIANCE, got %r" % (mode,),
+            "COMPLIANCE: nobody can shorten or remove the lock, not even the account root; "
+            "GOVERNANCE: identities with s3:BypassGovernanceRetention can",
+        )
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_LOCK_DAYS:
+        raise ConfigError(
+            "object_lock.days must be a whole number of days from 1 to %d, got %r"
+            % (MAX_LOCK_DAYS, days),
+            "lock each set at least as long as retention keeps its youngest sets, e.g. 30",
+        )
+    return mode, days
+
+
+def lock_args(mode, retain_until):
+    """PutObject / CreateMultipartUpload arguments that lock the object until ``retain_until``."""
+    return {"ObjectLockMode": mode, "ObjectLockRetainUntilDate": retain_until}
+
+
+def object_lock_state(info, now):
+    """(mode, retain_until, legal_hold) of a head_object result, each None when absent;
+    a retention that already expired is reported as None."""
+    if not info:
+        return None, None, None
+    until = info.get("ObjectLockRetainUntilDate")
+    mode = info.get("ObjectLockMode") if until is not None and until > now else None
+    hold = info.get("ObjectLockLegalHoldStatus") == "ON" or None
+    return mode, (until if mode else None), hold
 
 
 @s3_errors("upload")
@@ -253,10 +374,37 @@ def put_bytes(client, bucket, key, data, extra_args=None):
 
 @s3_errors("delete")
 def delete_keys(client, bucket, keys):
-    keys = list(keys)
-    for start in range(0, len(keys), 1000):
-        batch = [{"Key": k} for k in keys[start : start + 1000]]
-        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    _delete_batches(client, bucket, [{"Key": k} for k in keys])
+
+
+@s3_errors("delete")
+def delete_versions(client, bucket, versions):
+    """Delete these (key, version id) pairs for good: a versioned bucket otherwise keeps
+    every deleted object as a noncurrent version."""
+    _delete_batches(client, bucket, [{"Key": k, "VersionId": v} for k, v in versions])
+
+
+def _delete_batches(client, bucket, objects):
+    # DeleteObjects answers 200 even when some keys were refused (a locked version, a
+    # missing permission): those come back under Errors and must not pass as deleted.
+    for start in range(0, len(objects), 1000):
+        batch = objects[start : start + 1000]
+        response = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        errors = response.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise StoreError(
+                "S3 delete refused for %d object(s), e.g. s3://%s/%s: %s: %s"
+                % (
+                    len(errors),
+                    bucket,
+                    first.get("Key"),
+                    first.get("Code"),
+                    first.get("Message", ""),
+                ),
+                _HINTS.get(first.get("Code"))
+                or "an object under S3 Object Lock cannot be deleted before its retain-until date",
+            )
 
 
 @s3_errors("multipart cleanup")

@@ -193,6 +193,14 @@ sets:
     verified_at:
       description: UTC time of the last verification, or null.
       type: str
+    object_lock:
+      description:
+        - The S3 Object Lock holding the set's manifest as the store reports it, or null (not locked, lock
+          expired, a local repository, or a store that does not report retention).
+        - V(mode) (V(GOVERNANCE) or V(COMPLIANCE)), V(retain_until) (UTC; the set cannot be deleted before)
+          and V(legal_hold).
+      type: dict
+      sample: {"mode": "COMPLIANCE", "retain_until": "2026-12-31T01:00:00.000000Z", "legal_hold": false}
     row_counts:
       description: Summary of the per-table row counts in the manifest (V(tables) counted, total V(rows)), or null.
       type: dict

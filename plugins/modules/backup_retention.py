@@ -135,6 +135,21 @@ corrupt:
   returned: always
   type: list
   elements: str
+locked:
+  description:
+    - Sets the policy would delete but that are still under S3 Object Lock (a retain-until date not reached,
+      or a legal hold), so they were kept; a later run deletes them once they unlock. One entry per set
+      and repository with C(repository), C(id), C(mode) (V(GOVERNANCE) or V(COMPLIANCE)), C(retain_until)
+      (UTC) and C(legal_hold).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - repository: s3://clinic-backups/db/clinic-main
+      id: 20261020T010000Z-clinic_db-4d5e6f
+      mode: COMPLIANCE
+      retain_until: "2026-12-20T01:00:05.000000Z"
+      legal_hold: false
 decisions:
   description:
     - One entry per set considered, newest first, with C(repository), C(id), C(database), C(state)
@@ -142,7 +157,8 @@ decisions:
       C(verification).
     - "Reasons are V(daily 2026-11-29), V(weekly 2026-W48), V(monthly 2026-11), V(yearly 2026), V(min_keep),
       V(newest), V(newest verified), V(newer than the newest verified), V(latest pointer),
-      V(dated in the future: left alone), V(unreadable start time: left alone), V(corrupt: left alone) or,
+      V(dated in the future: left alone), V(unreadable start time: left alone), V(corrupt: left alone),
+      one starting with V(S3 Object Lock) and giving the mode and the date a locked set unlocks, or,
       for a deletion, V(not kept by the policy)."
   returned: always
   type: list
@@ -234,6 +250,9 @@ def combine(results, policy, check_mode):
         "kept": ids("kept"),
         "deleted": ids("deleted"),
         "corrupt": ids("corrupt"),
+        "locked": [
+            dict(entry, repository=r["repository"]) for r in results for entry in r["locked"]
+        ],
         "decisions": decisions,
         "incomplete_removed": [i for r in results for i in r["incomplete_removed"]],
         "repositories": [{k: r[k] for k in PER_REPOSITORY} for r in results],

@@ -21,6 +21,8 @@ from testbed.ansible import ansible_env, make_collection_path
 from testbed.dataset import load_clinic_dataset, table_fingerprints
 from testbed.files import write_passphrase_file
 from testbed.pg import PostgresCluster
+from testbed.radosgw import PACKAGES as RADOSGW_PACKAGES
+from testbed.radosgw import RadosGateway, missing_binaries
 from testbed.s3 import MotoS3Server
 
 # The engine is imported as ansible_collections.clinic.backup.plugins.module_utils,
@@ -95,6 +97,24 @@ def s3() -> Iterator[MotoS3Server]:
     finally:
         server.stop()
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def radosgw() -> Iterator[RadosGateway]:
+    """Ceph's radosgw on 127.0.0.1 (one per session: it takes ~12 s to start), an S3
+    endpoint that enforces Object Lock; skips when the Ceph packages are missing."""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(
+            "radosgw test bed unavailable: %s not installed (apt-get install %s; "
+            "scripts/bootstrap.sh tries it)" % (", ".join(missing), RADOSGW_PACKAGES)
+        )
+    gateway = RadosGateway()
+    try:
+        gateway.start()
+        yield gateway
+    finally:
+        gateway.stop()
 
 
 @pytest.fixture

@@ -36,7 +36,12 @@ TEST_HOST_COMMANDS=(podman runc catatonit iptables mmdebstrap ssh ssh-keygen)
 # Optional test tools, "package:command" each: installed when missing, and a failure to
 # install is a warning (the tests that need the tool skip, saying why), never fatal.
 #   chromium: renders the compliance report (tests/integration/test_playbook_status.py)
-OPTIONAL_TEST_TOOLS=(chromium:chromium)
+#   radosgw, ceph-mon, ceph-osd, ceph-common, ceph-base: a single-node
+#   Ceph with radosgw, the S3 endpoint that enforces Object Lock (tests/testbed/radosgw.py)
+OPTIONAL_TEST_TOOLS=(
+  chromium:chromium
+  radosgw:radosgw ceph-mon:ceph-mon ceph-osd:ceph-osd ceph-common:radosgw-admin ceph-base:monmaptool
+)
 APT_UPDATED=0
 
 log() { printf 'bootstrap: %s\n' "$*"; }

@@ -293,9 +293,10 @@ def keep_locked(repo, entries, decisions, warnings):
     manifests = {e["id"]: e.get("manifest") for e in entries if e.get("state") == "complete"}
     locked = []
     for decision in decisions:
-        if decision["action"] != DELETE:
-            continue
-        files = [MANIFEST] + [a["file"] for a in manifests[decision["id"]]["artifacts"]]
+        manifest = manifests.get(decision["id"])
+        if decision["action"] != DELETE or manifest is None:
+            continue  # (a deletion of an incomplete set is refused right after)
+        files = [MANIFEST] + [a["file"] for a in manifest["artifacts"]]
         try:
             lock = repo.object_lock_of(decision["id"], files)
         except BackupError as exc:

@@ -293,3 +293,36 @@ def test_incremental_is_off_by_default_and_the_module_documents_it(tmp_path, pas
     docs = (ROOT / "plugins" / "modules" / "files_backup.py").read_text()
     assert "incremental:" in docs and "full_every:" in docs
     assert json.loads(json.dumps(chained["manifest"]))["files"]["tree"]["count"] == 6
+
+
+def test_agent_file_group_takes_a_chain_and_rehearses_it(
+    collections_path, passphrase_file, tmp_path
+):
+    """cron's side: a file group config with incremental/full_every, then its restore test."""
+    from tests.faults import faultlib
+
+    root = build(tmp_path)
+    repo = tmp_path / "files-repo"
+    settings = {
+        "name": "uploads",
+        "paths": [str(root)],
+        "repository": str(repo),
+        "passphrase_file": str(passphrase_file),
+        "incremental": True,
+        "full_every": 3,
+        "restore_test": {"target_dir": str(tmp_path / "rehearsal")},
+    }
+    config = faultlib.write_config(tmp_path / "uploads.json", settings)
+    levels = []
+    for _ in range(2):
+        backup = faultlib.run_agent(collections_path, config, command="files-backup")
+        assert backup.rc == 0, backup.text()
+        levels.append(backup.doc["files"]["chain"]["level"])
+        write(root / "letters" / "l1.pdf", os.urandom(64))
+    assert levels == ["full", "incremental"]
+    rehearsal = faultlib.run_agent(collections_path, config, command="files-restore-test")
+    assert rehearsal.rc == 0, rehearsal.text()
+    assert rehearsal.doc["set_id"] == backup.doc["set_id"] and len(rehearsal.doc["chain"]) == 2
+    bad = faultlib.write_config(tmp_path / "bad.json", dict(settings, full_every="3"))
+    refused = faultlib.run_agent(collections_path, bad, command="files-backup")
+    assert refused.rc != 0 and "full_every" in refused.text()

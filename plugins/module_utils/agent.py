@@ -5,7 +5,8 @@
 
     python3 -m ansible_collections.clinic.backup.plugins.module_utils.agent backup --config FILE
 
-Commands: backup, verify, list, restore-test (a rehearsal of the newest set),
+Commands: backup, basebackup (a base backup set of the config's ``cluster``, the start of
+point-in-time recovery), verify, list, restore-test (a rehearsal of the newest set),
 retention (prune by the config's "retention" policy), and for a file group's config
 (name + paths: uploads, configuration) files-backup and files-restore-test; and
 status (read-only: a table per database and file group of one or more configs,

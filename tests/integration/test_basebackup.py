@@ -214,6 +214,40 @@ def _in_recovery(cluster: PostgresCluster) -> bool:
         raise AssertionError("%s\n%s" % (exc, cluster.log_tail())) from None
 
 
+def test_module_check_mode_writes_nothing_then_a_real_run_stores_a_set(
+    bed, ansible, root_passphrase, tmp_path
+):
+    repo_dir = tmp_path / "module-repo"
+    task = {
+        "name": "base backup",
+        "clinic.backup.pg_basebackup": {
+            "cluster": "main",
+            "login_host": bed.cluster.socket_dir,
+            "login_port": bed.cluster.port,
+            "login_user": "postgres",
+            "passphrase_file": root_passphrase,
+            "repository": str(repo_dir),
+            "label": "before the migration",
+        },
+    }
+    check = dict(task, name="check", check_mode=True)
+    # The check task's assertion runs between the two: nothing written yet.
+    probe = {
+        "name": "nothing written",
+        "ansible.builtin.find": {"paths": str(repo_dir), "recurse": True},
+    }
+    run = ansible.play([check, probe, task]).assert_ok()
+    checked = run.result("check")
+    assert checked["changed"] and checked["check_mode"]
+    assert checked["server"]["version_num"] == bed.cluster.server_version_num
+    assert run.result("nothing written")["matched"] == 0
+    done = run.result("base backup")
+    manifest = done["manifest"]
+    assert manifest["label"] == "before the migration" and manifest["kind"] == "basebackup"
+    assert done["start_wal"] == manifest["start_wal"] and done["stop_wal"] == manifest["stop_wal"]
+    assert (repo_dir / "sets" / done["set_id"] / "manifest.json").is_file()
+
+
 def test_non_empty_data_dir_refused_and_nothing_qualifying_leaves_nothing(
     bed, root_passphrase, tmp_path
 ):

@@ -484,6 +484,17 @@ def cmd_backup(config, args):
     return run_backup(connection_from_params(config), repositories(config, True), options)
 
 
+def sets_name(config):
+    """Whose sets verify and retention are about: the base backups of the config's
+    ``cluster`` when it names one (the role pg_wal_archiving's config, whose ``database``
+    only says where to connect), else its database's (or file group's) sets."""
+    return config.get("cluster") or config.get("database")
+
+
+# A base backup is taken weekly by default: older than a day is not overdue.
+BASEBACKUP_MAX_AGE_HOURS = 8 * 24.0
+
+
 def cmd_verify(config, args):
     """Verify the newest set (or --set-id) in EVERY repository of the config, each copy
     where it is stored, its outcome recorded next to it: a restore from S3 with
@@ -493,11 +504,13 @@ def cmd_verify(config, args):
         verify_set(
             repo,
             set_id=args.set_id,
-            database=config.get("database"),
+            database=sets_name(config),
             passphrase_file=config.get("passphrase_file"),
             old_passphrase_files=config.get("old_passphrase_files") or (),
             deep=verify_options.get("deep", True),
-            max_age_hours=verify_options.get("max_age_hours", 25.0),
+            max_age_hours=verify_options.get(
+                "max_age_hours", BASEBACKUP_MAX_AGE_HOURS if config.get("cluster") else 25.0
+            ),
             size_tolerance_percent=verify_options.get("size_tolerance_percent", 50.0),
             pg_bin_dir=config.get("pg_bin_dir"),
         )
@@ -547,9 +560,7 @@ def cmd_retention(config, args):
     lock_paths = lock_paths_for(repos)
     key = RecordKey.from_file(config.get("passphrase_file"), config.get("old_passphrase_files"))
     results = [
-        apply_retention(
-            repo, policy, database=config.get("database"), lock_paths=lock_paths, key=key
-        )
+        apply_retention(repo, policy, database=sets_name(config), lock_paths=lock_paths, key=key)
         for repo in repos
     ]
     return {
@@ -1008,7 +1019,9 @@ def main(argv=None):
     try:
         config = load_config(args.config)
         database = database_name(config)
-        if args.command == "basebackup" and isinstance(config.get("cluster"), str):
+        if args.command in ("basebackup", "verify", "retention") and isinstance(
+            config.get("cluster"), str
+        ):
             database = config["cluster"]
         check_config(config)
         wait = lock_wait(config, args.lock_wait)

@@ -320,18 +320,38 @@ def test_verify_names_a_gap_and_retention_keeps_only_needed_wal(bed, root_passph
         hidden.rename(stored)
     assert verify_set(local, newest["id"], passphrase_file=root_passphrase)["ok"]
 
+    # The agent, as cron runs it on the cluster's config: the cluster's base backups only.
+    config = bed.write_config(
+        dict(
+            bed.config,
+            verify={"deep": False},  # sha256 and WAL continuity; the decrypt ran above
+            retention={
+                "keep_daily": 1,
+                "keep_weekly": 0,
+                "keep_monthly": 0,
+                "keep_yearly": 0,
+                "min_keep": 1,
+            },
+        ),
+        path=bed.home / "retention.json",
+    )
     policy = RetentionPolicy(daily=1, weekly=0, monthly=0, yearly=0, min_keep=1)
-    for repo in (local, remote):
-        preview = apply_retention(repo, policy, database="main", key=key, check_mode=True)
-        result = apply_retention(repo, policy, database="main", key=key)
-        assert result["kept"] == [newest["id"]], result["decisions"]
+    preview = apply_retention(local, policy, database="main", key=key, check_mode=True)
+    proc = bed.agent("retention", config=config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(proc.stdout)["repositories"]
+    assert len(results) == 2
+    for repo, result in zip((local, remote), results, strict=True):
+        assert result["kept"] == [newest["id"]], result
         assert result["deleted"], repo.url
         assert result["wal"][0]["first_needed"] == first_needed
-        assert set(preview["wal"][0]["deleted"]) == set(result["wal"][0]["deleted"])
         left = list(wal.list_wal(repo, "main", key))
-        names = {r.name for r in left}
-        assert not names & set(older), repo.url
+        assert not {r.name for r in left} & set(older), repo.url
         # Everything from the kept base backup's start_wal on is still there, usable.
         missing, _first, _last = basebackup.wal_continuity(newest, left)
         assert missing == [], missing
-    assert verify_set(local, newest["id"], passphrase_file=root_passphrase, record=False)["ok"]
+    assert set(preview["wal"][0]["deleted"]) == set(results[0]["wal"][0]["deleted"])
+    proc = bed.agent("verify", config=config)  # every copy, WAL included, recorded
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    verified = json.loads(proc.stdout)
+    assert verified["set_id"] == newest["id"] and len(verified["repositories"]) == 2

@@ -1083,13 +1083,26 @@ def restore_base_backup(repositories, options, check_mode=False):
     with ReadSession(options.passphrase_file, options.old_passphrase_files) as session:
         if not check_mode:
             created = prepare_data_dir(data_dir)
-        elif os.path.isdir(data_dir) and os.listdir(data_dir):
-            prepare_data_dir(data_dir)  # raises: not empty
+        elif os.path.lexists(data_dir):
+            if not os.path.isdir(data_dir) or os.path.islink(data_dir) or os.listdir(data_dir):
+                prepare_data_dir(data_dir)  # raises, naming what is wrong
+        elif not os.path.isdir(os.path.dirname(data_dir)):
+            raise ConfigError(
+                "the parent directory %s of data_dir does not exist" % os.path.dirname(data_dir),
+                "create it first",
+            )
         try:
             for repo in repositories:
-                chosen, passed_here, _entries = choose_sets(
+                chosen, passed_here, entries = choose_sets(
                     repo, session, options, KIND, "cluster", options.accept
                 )
+                clusters = {e["database"] for e in entries if e["id"] in chosen}
+                if options.cluster is None and len(clusters) > 1:
+                    raise ConfigError(
+                        "%s holds base backups of several clusters (%s)"
+                        % (repo.url, ", ".join(sorted(clusters))),
+                        "set cluster to the one to restore",
+                    )
                 passed.extend(dict(p, repository=repo.url) for p in passed_here)
                 if not chosen:
                     problems.append("%s has no usable base backup" % repo.url)

@@ -5,12 +5,14 @@ watchdog, the recovery window and the restore options' refusals."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 import tarfile
 
 import pytest
 
-from ansible_collections.clinic.backup.plugins.module_utils import basebackup, wal
+from ansible_collections.clinic.backup.plugins.module_utils import authentication, basebackup, wal
+from ansible_collections.clinic.backup.plugins.module_utils.authentication import RecordKey
 from ansible_collections.clinic.backup.plugins.module_utils.basebackup import (
     BaseRestoreOptions,
     PgBaseBackupSource,
@@ -22,9 +24,11 @@ from ansible_collections.clinic.backup.plugins.module_utils.basebackup import (
     parse_wal_ranges,
     prepare_data_dir,
     recovery_window,
+    restore_base_backup,
     wal_file_name,
 )
 from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError, SourceError
+from ansible_collections.clinic.backup.plugins.module_utils.repository import LocalRepository
 
 LABEL = (
     "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
@@ -223,3 +227,64 @@ def test_watchdog_asks_pg_stat_archiver_when_the_stream_is_idle():
                 pass
     finally:
         source.close()
+
+
+def _planted_set(repo_dir, key, set_id, cluster):
+    """A sealed base backup manifest (no archive: the choice is refused before reading it)."""
+    manifest = {
+        "format_version": 1,
+        "id": set_id,
+        "kind": "basebackup",
+        "database": cluster,
+        "cluster": cluster,
+        "format": "tar",
+        "compression": {"algorithm": "zstd", "level": 3},
+        "encryption": {"method": "gpg-symmetric", "cipher": "AES256"},
+        "artifacts": [
+            {
+                "name": "base",
+                "file": "base.tar.zst.gpg",
+                "content": "pg_basebackup-tar",
+                "size": 1,
+                "sha256": "0" * 64,
+            }
+        ],
+        "started_at": "2026-12-03T01:00:00.000000Z",
+        "finished_at": "2026-12-03T01:01:00.000000Z",
+        "stop_time": "2026-12-03T01:01:00.000000Z",
+    }
+    folder = repo_dir / "sets" / set_id
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(
+        json.dumps(authentication.seal(manifest, key, "manifest"))
+    )
+
+
+def test_restore_refuses_to_guess_between_clusters_and_checks_the_parent(
+    repo_dir, passphrase_file, tmp_path
+):
+    key = RecordKey.from_file(str(passphrase_file))
+    _planted_set(repo_dir, key, "20261203T010000Z-main-1a2b3c", "main")
+    _planted_set(repo_dir, key, "20261203T020000Z-other-1a2b3c", "other")
+    repo = LocalRepository(str(repo_dir))
+    target = tmp_path / "data"
+    with pytest.raises(ConfigError, match="several clusters") as caught:
+        restore_base_backup(
+            [repo], BaseRestoreOptions(str(target), passphrase_file=str(passphrase_file))
+        )
+    assert "main, other" in str(caught.value)
+    assert not target.exists()
+    planned = restore_base_backup(
+        [repo],
+        BaseRestoreOptions(str(target), cluster="main", passphrase_file=str(passphrase_file)),
+        check_mode=True,
+    )
+    assert planned.set_id == "20261203T010000Z-main-1a2b3c" and not target.exists()
+    with pytest.raises(ConfigError, match="parent directory"):
+        restore_base_backup(
+            [repo],
+            BaseRestoreOptions(
+                str(tmp_path / "missing" / "data"), passphrase_file=str(passphrase_file)
+            ),
+            check_mode=True,
+        )

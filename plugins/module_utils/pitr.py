@@ -719,6 +719,9 @@ def recover(options, base_restore):
     base = base_restore(options.data_dir)
     result["changed"] = True
     result["set_id"] = getattr(base, "set_id", None)
+    for detail in ("repository", "verified", "passed_over", "damaged"):
+        if getattr(base, detail, None) is not None:
+            result[detail] = getattr(base, detail)
     manifest = getattr(base, "manifest", None) or {}
     result["base_backup"] = {
         key: manifest.get(key)

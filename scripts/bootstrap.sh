@@ -25,6 +25,9 @@ STAMP="$VENV/.requirements.sha256"
 APT_PACKAGES=(
   postgresql postgresql-client gnupg zstd gzip python3-venv python3-dev gcc libpq-dev
   rsync git make ca-certificates shellcheck cron nginx-light
+  # The agent as PostgreSQL's archive_command/restore_command runs it: the server's OS
+  # user, the system Python (as on a host with the backup_agent role).
+  python3-psycopg2 python3-boto3
 )
 # Commands those packages provide (pg_ctl is checked separately: it is not on PATH).
 REQUIRED_COMMANDS=(psql pg_dump pg_restore gpg zstd gzip gcc pg_config rsync git make shellcheck crontab)

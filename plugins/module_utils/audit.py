@@ -78,6 +78,8 @@ ACTIONS = (
     "transfer",
     "credentials",
     "read",
+    # Server settings of continuous archiving and their proof (wal_archiving).
+    "archiving",
 )
 OUTCOMES = ("ok", "failed", "refused", "skipped")
 RESERVED = frozenset(

@@ -386,7 +386,7 @@ def main():
             result["set_id"] = chosen.set_id
             result["passed_over"] = chosen.passed_over
     except BackupError as exc:
-        fail_audited(module, "pitr-restore", exc)
+        fail_audited(module, "restore", exc)
     result["database"] = params["cluster"]
     result["msg"] = (
         "recovered %s to %s in %s (port %d): reached %s"
@@ -401,7 +401,7 @@ def main():
         else "check mode: base backup %s would be recovered to %s"
         % (result.get("set_id"), plan.describe())
     )
-    exit_audited(module, "pitr-restore", result)
+    exit_audited(module, "restore", result)
 
 
 if __name__ == "__main__":

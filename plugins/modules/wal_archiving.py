@@ -233,7 +233,7 @@ def main():
         finally:
             conn.close()
     except BackupError as exc:
-        fail_audited(module, "wal-archiving", exc)
+        fail_audited(module, "archiving", exc)
     parts = []
     if result["changed_settings"]:
         parts.append("set %s" % ", ".join(result["changed_settings"]))
@@ -242,7 +242,7 @@ def main():
     if "proof" in result:
         parts.append("segment %s stored everywhere" % result["proof"]["segment"])
     result["msg"] = "; ".join(parts) or "settings already in place"
-    exit_audited(module, "wal-archiving", result)
+    exit_audited(module, "archiving", result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testbed.ansible import REPO_ROOT, PlaybookResult, ansible_env, run_playbook
+from testbed.ansible import (
+    REPO_ROOT,
+    PlaybookResult,
+    ansible_env,
+    make_collection_path,
+    run_playbook,
+)
 from testbed.dataset import load_clinic_dataset, table_fingerprints
 from testbed.files import write_passphrase_file
 from testbed.netutil import free_port, wait_until
@@ -84,12 +90,17 @@ class Site:
     vars: dict[str, Any]
     bucket: str
     s3_endpoint: str
+    inventory: str = ""
     runs: dict[str, PlaybookResult] = field(default_factory=dict)
     moments: dict[str, Any] = field(default_factory=dict)
 
     def converge(self, check: bool = False, **overrides: Any) -> PlaybookResult:
         return run_playbook(
-            ROLE_PLAYBOOK, self.env, extra_vars=dict(self.vars, **overrides), check=check
+            ROLE_PLAYBOOK,
+            self.env,
+            extra_vars=dict(self.vars, **overrides),
+            check=check,
+            inventory=self.inventory,
         )
 
     def agent(self, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -122,7 +133,7 @@ class Site:
             "clinic_backup_restore_s3_target": self.vars["pg_wal_archiving_s3_targets"][0],
         }
         extra.update(overrides)
-        return run_playbook(PITR_PLAYBOOK, self.env, extra_vars=extra)
+        return run_playbook(PITR_PLAYBOOK, self.env, extra_vars=extra, inventory=self.inventory)
 
     def now(self) -> str:
         return self.source.psql(
@@ -203,7 +214,10 @@ def site(tmp_path_factory, collections_path, s3) -> Site:
         agent = root / "usr/local/bin/clinic-backup"
         agent.write_text(
             AGENT_WRAPPER.format(
-                import_root=Path(collections_path), python=SYSTEM_PYTHON, module=AGENT_MODULE
+                # Not collections_path: pytest's 0700 temp dirs are closed to the server's user.
+                import_root=make_collection_path(REPO_ROOT / "tests" / "output" / "import"),
+                python=SYSTEM_PYTHON,
+                module=AGENT_MODULE,
             )
         )
         agent.chmod(0o755)
@@ -211,6 +225,11 @@ def site(tmp_path_factory, collections_path, s3) -> Site:
         s3.create_bucket(bucket)
         env = ansible_env(collections_path, {"ANSIBLE_PIPELINING": "True", **s3.env()})
         site = Site(root, source, env, site_vars(root, source, bucket, s3.endpoint_url), bucket, s3.endpoint_url)
+        inventory = root / "inventory.yml"
+        inventory.write_text(
+            json.dumps({"clinic_db_servers": {"hosts": {"localhost": {"ansible_connection": "local"}}}})
+        )
+        site.inventory = str(inventory)
         site.runs["first"] = site.converge()
         site.runs["second"] = site.converge()
         site.runs["check"] = site.converge(check=True, pg_wal_archiving_archive_timeout="10min")

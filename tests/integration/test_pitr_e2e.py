@@ -7,8 +7,8 @@ committed before the last archived segment.
 
 The agent runs as PostgreSQL's OS user from archive_command/restore_command, with the
 system Python (as on a host: python3-psycopg2, python3-boto3), from this checkout.
-One converge, a second that must change nothing, a check-mode run, and two recoveries
-share one module-scoped site.
+One converge, a second that must change nothing, and two recoveries share one
+module-scoped site (check mode of the settings: test_pitr_engine.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from testbed.ansible import (
 )
 from testbed.dataset import load_clinic_dataset, table_fingerprints
 from testbed.files import write_passphrase_file
-from testbed.netutil import free_port, wait_until
+from testbed.netutil import wait_until
 from testbed.pg import PostgresCluster
 from testbed.s3 import DEFAULT_REGION, DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY
 
@@ -69,6 +71,17 @@ def fingerprint(cluster: PostgresCluster, dbname: str = DB) -> dict[str, Any]:
     found = json.loads(cluster.psql(FINGERPRINT_SQL, dbname=dbname))
     found["tables"] = table_fingerprints(cluster, dbname)
     return found
+
+
+def patient_sql(mrn: str, name: str) -> str:
+    """One transaction: a patient, and the identity sequence moved past it."""
+    return (
+        "BEGIN; INSERT INTO patients (patient_id, mrn, first_name, last_name, date_of_birth, sex, "
+        "status, created_at, updated_at) SELECT max(patient_id) + 1, "
+        f"'{mrn}', '{name}', 'Pitr', '1970-01-01', 'F', 'active', now(), now() FROM patients; "
+        "SELECT setval(pg_get_serial_sequence('patients', 'patient_id'), max(patient_id)) "
+        "FROM patients; COMMIT;"
+    )
 
 
 def server_account_name(cluster: PostgresCluster) -> str:
@@ -138,7 +151,7 @@ class Site:
     def now(self) -> str:
         return self.source.psql(
             "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
-            "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"');"
+            '\'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\');'
         )
 
     def switch_and_wait_archived(self) -> str:
@@ -166,6 +179,9 @@ def site_vars(root: Path, source: PostgresCluster, bucket: str, endpoint: str) -
     ]  # fmt: skip
     if os.geteuid() == 0:
         restart = ["runuser", "-u", user, "--", *restart]
+    # Its own session: the test bed ends ansible-playbook's process group after the run,
+    # which must not take the restarted postmaster with it (systemd does this on a host).
+    restart = ["setsid", "--wait", *restart]
     return {
         "pg_wal_archiving_cluster": "main",
         "pg_wal_archiving_os_user": user,
@@ -177,7 +193,9 @@ def site_vars(root: Path, source: PostgresCluster, bucket: str, endpoint: str) -
         "pg_wal_archiving_state_dir": str(root / "var/lib/postgresql/clinic-backup"),
         "pg_wal_archiving_config_file": str(root / "var/lib/postgresql/clinic-backup/main.json"),
         "pg_wal_archiving_passphrase_source": str(root / "etc/clinic-backup/passphrase"),
-        "pg_wal_archiving_passphrase_file": str(root / "var/lib/postgresql/clinic-backup/passphrase"),
+        "pg_wal_archiving_passphrase_file": str(
+            root / "var/lib/postgresql/clinic-backup/passphrase"
+        ),
         "pg_wal_archiving_repository": str(root / "var/backups/clinic/pitr"),
         "pg_wal_archiving_spool_dir": str(root / "var/spool/clinic-backup/main"),
         "pg_wal_archiving_s3_targets": [
@@ -197,14 +215,21 @@ def site_vars(root: Path, source: PostgresCluster, bucket: str, endpoint: str) -
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, collections_path, s3) -> Site:
-    root = tmp_path_factory.mktemp("pitr-site")
-    source = PostgresCluster(base_dir=root)  # also lets the server's user traverse root
+def site(collections_path, s3) -> Site:
+    # Not below pytest's basetemp: any pytest run that starts meanwhile resets
+    # /tmp/pytest-of-<user> to 0700, closing it to the server's user.
+    root = Path(tempfile.mkdtemp(prefix="clinic-pitr-site-"))
+    root.chmod(0o711)
+    source = PostgresCluster(base_dir=root)
     try:
         source.start()
         source.create_role(OWNER, secrets.token_urlsafe(16))
         source.create_database(DB, owner=OWNER)
         load_clinic_dataset(source, DB, OWNER, scale=0.05)
+        # pg_basebackup's replication connection (the agent's basebackup, as on a host).
+        with open(Path(source.data_dir, "pg_hba.conf"), "a") as hba:
+            hba.write("host replication postgres 127.0.0.1/32 trust\n")
+        source.psql("SELECT pg_reload_conf();")
         # What a Debian host has: /usr/local/bin, /etc/cron.d, PostgreSQL's log directory.
         for directory in ("usr/local/bin", "etc/cron.d", "etc/clinic-backup", "var/log/postgresql"):
             (root / directory).mkdir(parents=True, exist_ok=True)
@@ -224,18 +249,36 @@ def site(tmp_path_factory, collections_path, s3) -> Site:
         bucket = "pitr-" + secrets.token_hex(4)
         s3.create_bucket(bucket)
         env = ansible_env(collections_path, {"ANSIBLE_PIPELINING": "True", **s3.env()})
-        site = Site(root, source, env, site_vars(root, source, bucket, s3.endpoint_url), bucket, s3.endpoint_url)
+        site = Site(
+            root,
+            source,
+            env,
+            site_vars(root, source, bucket, s3.endpoint_url),
+            bucket,
+            s3.endpoint_url,
+        )
         inventory = root / "inventory.yml"
         inventory.write_text(
-            json.dumps({"clinic_db_servers": {"hosts": {"localhost": {"ansible_connection": "local"}}}})
+            json.dumps(
+                {"clinic_db_servers": {"hosts": {"localhost": {"ansible_connection": "local"}}}}
+            )
         )
         site.inventory = str(inventory)
-        site.runs["first"] = site.converge()
-        site.runs["second"] = site.converge()
-        site.runs["check"] = site.converge(check=True, pg_wal_archiving_archive_timeout="10min")
+        for run, kwargs in (
+            ("first", {}),
+            ("second", {}),
+        ):
+            started = time.monotonic()
+            site.runs[run] = site.converge(**kwargs)
+            site.moments[run + "_seconds"] = round(time.monotonic() - started, 1)
         yield site
     finally:
         source.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def task(name: str) -> str:
+    return "clinic.backup.pg_wal_archiving : " + name
 
 
 def _setting(cluster: PostgresCluster, name: str) -> str:
@@ -244,18 +287,18 @@ def _setting(cluster: PostgresCluster, name: str) -> str:
 
 def test_role_converges_restarts_once_and_proves_the_chain(site):
     first = site.runs["first"].assert_ok()
-    settings = first.result("Set the archiving settings (ALTER SYSTEM)")
+    settings = first.result(task("Set the archiving settings (ALTER SYSTEM)"))
     assert set(settings["changed_settings"]) == {
         "archive_command", "archive_mode", "archive_timeout", "restore_command",
     }  # fmt: skip  # wal_level was already replica: left alone
     assert settings["pending_restart"] == ["archive_mode"]
-    restarts = first.task_results("Restart PostgreSQL (pg_wal_archiving_restart_command)")
+    restarts = first.task_results(task("Restart PostgreSQL (pg_wal_archiving_restart_command)"))
     assert [r["_status"] for r in restarts] == ["changed"]
     assert _setting(site.source, "archive_mode") == "on"
     assert _setting(site.source, "archive_timeout") == "300"
     config = site.vars["pg_wal_archiving_config_file"]
     assert _setting(site.source, "archive_command").endswith(f"wal-push --config {config} %p")
-    proof = first.result("Prove that a closed segment reaches every repository")["proof"]
+    proof = first.result(task("Prove that a closed segment reaches every repository"))["proof"]
     segment = proof["segment"]
     local = Path(site.vars["pg_wal_archiving_repository"], "wal", "main", segment[:16])
     assert (local / f"{segment}.json").exists()
@@ -280,57 +323,65 @@ def site_s3_objects(site: Site) -> list[dict[str, Any]]:
     return client.list_objects_v2(Bucket=site.bucket).get("Contents", [])
 
 
-def test_second_converge_changes_nothing_and_check_mode_changes_nothing(site):
+def test_second_converge_changes_nothing(site):
     second = site.runs["second"].assert_ok()
     assert second.stats["localhost"]["changed"] == 0
-    assert not second.task_results("Restart PostgreSQL (pg_wal_archiving_restart_command)") or all(
+    assert not second.task_results(
+        task("Restart PostgreSQL (pg_wal_archiving_restart_command)")
+    ) or all(
         r["_status"] == "skipped"
-        for r in second.task_results("Restart PostgreSQL (pg_wal_archiving_restart_command)")
+        for r in second.task_results(task("Restart PostgreSQL (pg_wal_archiving_restart_command)"))
     )
-    check = site.runs["check"].assert_ok()
-    would = check.result("Set the archiving settings (ALTER SYSTEM)")
-    assert would["changed_settings"] == ["archive_timeout"]
-    assert _setting(site.source, "archive_timeout") == "300"  # check mode wrote nothing
 
 
-def test_point_in_time_gives_a_not_b_and_latest_from_s3_loses_nothing(site, tmp_path):
+def test_point_in_time_gives_a_not_b_and_latest_from_s3_loses_nothing(site):
     src = site.source
     base = site.agent("basebackup", "--config", site.vars["pg_wal_archiving_config_file"])
     assert base.returncode == 0, base.stdout + base.stderr
     time.sleep(1.1)  # the base backup stops clearly before the target
-    src.psql(
-        "INSERT INTO patients (mrn, first_name, last_name, date_of_birth, sex) "
-        "VALUES ('PITR-A', 'Ada', 'Before', '1970-01-01', 'F');",
-        dbname=DB,
-    )
+    src.psql(patient_sql("PITR-A", "Ada"), dbname=DB)
     time.sleep(1.1)  # commit times a clear second either side of the target
     target = site.now()
     at_target = fingerprint(src)
     time.sleep(1.1)
     src.psql(
-        "INSERT INTO patients (mrn, first_name, last_name, date_of_birth, sex) "
-        "VALUES ('PITR-B', 'Bob', 'After', '1970-01-01', 'M');"
-        "DELETE FROM prescriptions WHERE prescription_id IN "
+        patient_sql("PITR-B", "Bob") + "DELETE FROM prescriptions WHERE prescription_id IN "
         "(SELECT prescription_id FROM prescriptions ORDER BY 1 LIMIT 3);",
         dbname=DB,
     )
     at_end = fingerprint(src)
     site.switch_and_wait_archived()
 
-    to_time = PostgresCluster(base_dir=tmp_path / "time")
-    to_latest = PostgresCluster(base_dir=tmp_path / "latest")
+    to_time = PostgresCluster()
+    to_latest = PostgresCluster()
     try:
         run = site.recover(
             to_time, clinic_backup_pitr_target="time", clinic_backup_pitr_target_value=target
         ).assert_ok()
-        result = run.result("Restore the base backup, replay the WAL to the target, promote and check")
-        mrns = to_time.psql("SELECT string_agg(mrn, ',' ORDER BY mrn) FROM patients WHERE mrn LIKE 'PITR-%';", dbname=DB)
+        result = run.result(
+            "Restore the base backup, replay the WAL to the target, promote and check"
+        )
+        mrns = to_time.psql(
+            "SELECT string_agg(mrn, ',' ORDER BY mrn) FROM patients WHERE mrn LIKE 'PITR-%';",
+            dbname=DB,
+        )
         assert mrns == "PITR-A"
-        assert fingerprint(to_time) == at_target
+        recovered = fingerprint(to_time)
+        # Schema and every row exactly as at the target. Sequences are not transactional in
+        # PostgreSQL: what B's transaction took from one before its commit is WAL-logged at
+        # once and replayed, so a sequence may be ahead (up to where B left it), never behind:
+        # no key handed out before the target is ever handed out again.
+        recovered_sequences = recovered.pop("sequences")
+        wanted_sequences = dict(at_target)
+        assert recovered == {k: v for k, v in at_target.items() if k != "sequences"}
+        for name, value in wanted_sequences["sequences"].items():
+            assert value <= recovered_sequences[name] <= at_end["sequences"][name], name
         assert result["reached_time"] > target  # stopped before B's commit, after the target
         assert "recovery stopping before commit" in result["reached_message"]
         assert result["duration_seconds"] > 0 and result["rpo_seconds"] >= 0
-        assert "RPO" in run.output and "Point reached" in run.output
+        report = "\n".join(run.result("Report the recovery")["msg"])
+        assert f"Point reached: {result['reached_time']}" in report
+        assert "RTO measured" in report and "RPO" in report
 
         s3_target = dict(site.vars["pg_wal_archiving_s3_targets"][0])
         run = site.recover(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from testbed.dataset import table_fingerprints
 from testbed.netutil import free_port, wait_until
 from testbed.pg import PostgresCluster
 
-from ansible_collections.clinic.backup.plugins.module_utils import pitr
+from ansible_collections.clinic.backup.plugins.module_utils import archiving, pitr
 from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError
+from ansible_collections.clinic.backup.plugins.module_utils.pgsource import PgConnection
 
 pytestmark = pytest.mark.integration
 
@@ -99,8 +101,12 @@ class Archive:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    arc = Archive(tmp_path_factory.mktemp("pitr-engine"))
+def archive():
+    # Not below pytest's basetemp: any pytest run that starts meanwhile resets
+    # /tmp/pytest-of-<user> to 0700, closing it to the server's user.
+    root = Path(tempfile.mkdtemp(prefix="clinic-pitr-engine-"))
+    root.chmod(0o711)
+    arc = Archive(root)
     try:
         arc.start()
         arc.commit("A")
@@ -115,6 +121,7 @@ def archive(tmp_path_factory):
         yield arc
     finally:
         arc.source.destroy()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def recovery_options(arc: Archive, new: PostgresCluster, target, **extra):
@@ -132,8 +139,8 @@ def recovery_options(arc: Archive, new: PostgresCluster, target, **extra):
     )
 
 
-def test_time_target_gives_a_not_b_and_the_point_reached(archive, tmp_path):
-    new = PostgresCluster(base_dir=tmp_path)
+def test_time_target_gives_a_not_b_and_the_point_reached(archive):
+    new = PostgresCluster()
     try:
         result = pitr.recover(
             recovery_options(archive, new, {"time": archive.target_time}), archive.restore_base
@@ -153,8 +160,8 @@ def test_time_target_gives_a_not_b_and_the_point_reached(archive, tmp_path):
         new.destroy()
 
 
-def test_latest_replays_everything_archived(archive, tmp_path):
-    new = PostgresCluster(base_dir=tmp_path)
+def test_latest_replays_everything_archived(archive):
+    new = PostgresCluster()
     try:
         result = pitr.recover(recovery_options(archive, new, "latest"), archive.restore_base)
         assert new.psql("SELECT string_agg(note, ',' ORDER BY id) FROM visits;") == (
@@ -166,8 +173,8 @@ def test_latest_replays_everything_archived(archive, tmp_path):
         new.destroy()
 
 
-def test_target_beyond_the_archive_fails_and_keeps_nothing_as_restored(archive, tmp_path):
-    new = PostgresCluster(base_dir=tmp_path)
+def test_target_beyond_the_archive_fails_and_keeps_nothing_as_restored(archive):
+    new = PostgresCluster()
     try:
         # A restore point that was never created: replay runs off the end of the WAL.
         options = recovery_options(archive, new, {"name": "never_created"})
@@ -182,8 +189,8 @@ def test_target_beyond_the_archive_fails_and_keeps_nothing_as_restored(archive, 
         new.destroy()
 
 
-def test_refusals_change_nothing(archive, tmp_path):
-    new = PostgresCluster(base_dir=tmp_path)
+def test_refusals_change_nothing(archive):
+    new = PostgresCluster()
     called = []
     try:
         Path(new.data_dir).mkdir()
@@ -231,3 +238,30 @@ def test_recovery_settings_quote_what_the_server_and_shell_read():
     assert lines["recovery_target_action"] == "'promote'"
     with pytest.raises(ConfigError, match="%"):
         pitr.restore_command("/opt/50%/agent", "/etc/c.json")
+
+
+def test_settings_only_where_they_differ_and_check_mode_writes_nothing(archive):
+    """archiving.apply_settings, the wal_archiving module's engine, on the source cluster."""
+    src = archive.source
+    connection = PgConnection(
+        host=src.socket_dir, port=src.port, user="postgres", dbname="postgres"
+    )
+    conn = archiving.connect(connection)
+    try:
+        wanted = {"archive_mode": True, "archive_timeout": "7min", "wal_level": "replica"}
+        would = archiving.apply_settings(conn, wanted, check_mode=True)
+        assert would["changed"] == ["archive_timeout"]  # the others are what the server runs
+        assert src.psql("SHOW archive_timeout;") == "0"  # check mode wrote nothing
+        done = archiving.apply_settings(conn, wanted)
+        assert done["changed"] == ["archive_timeout"] and done["pending_restart"] == []
+        assert src.psql("SHOW archive_timeout;") == "7min"
+        again = archiving.apply_settings(conn, wanted)
+        assert again["changed"] == [] and again["pending_restart"] == []
+        # A postmaster-context setting waits for a restart, and says so until then.
+        moved = archiving.apply_settings(conn, {"max_wal_senders": 7})
+        assert moved["pending_restart"] == ["max_wal_senders"]
+        assert archiving.apply_settings(conn, {"max_wal_senders": 7})["changed"] == []
+        with pytest.raises(ConfigError, match="not a setting this module manages"):
+            archiving.apply_settings(conn, {"shared_preload_libraries": "x"})
+    finally:
+        conn.close()

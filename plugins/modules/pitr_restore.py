@@ -28,7 +28,7 @@ description:
     C(recovery stopping before commit of transaction 812, time 2026-12-03 14:31:02+00)), the measured RTO
     and the RPO.
   - A recovery that fails (the target lies beyond the archived WAL, a segment is missing or damaged) stops
-    the server it started and moves the directory aside as C(<data_dir>.failed_<time>): it is never left
+    the server it started and moves the directory aside as C(<data_dir>.failed_<time>); it is never left
     looking like a restored cluster.
   - The recovered cluster runs with C(archive_mode=off) unless O(archive=true), so that a rehearsal never
     writes its own timeline into the repository it was restored from.

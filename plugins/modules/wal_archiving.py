@@ -18,7 +18,7 @@ description:
   - Returns the settings that only a restart applies (C(pending_restart)); it never restarts the server
     itself. The C(clinic.backup.pg_wal_archiving) role restarts PostgreSQL only when this list is not empty.
   - With O(prove=true), closes the current WAL segment (C(pg_switch_wal())) and waits until that segment's
-    record is stored in O(repository) and every one of O(s3_targets): the proof that C(archive_command)
+    record is stored in O(repository) and every one of O(s3_targets) - the proof that C(archive_command)
     reaches the repositories, not only that PostgreSQL called it.
   - Connects as a superuser (C(ALTER SYSTEM), C(pg_file_settings) and C(pg_switch_wal()) need one).
 author:

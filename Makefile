@@ -12,6 +12,7 @@ help:
 	@echo "make test-hosts - Debian 12 test hosts in podman (images built once, then cached)"
 	@echo "make bench  - time a backup against bare pg_dump baselines (BENCH_SCALE=...)"
 	@echo "make bench-restore - time the restore rehearsal against bare pg_restore (BENCH_SCALE=...)"
+	@echo "make bench-pitr - WAL archiving and point-in-time recovery against cp and pgBackRest (BENCH_LOAD_SECONDS=...)"
 	@echo "make bench-files - incremental file sets: an hourly run against a full one (10,240 files, 1.1 GB)"
 
 bootstrap:
@@ -64,6 +65,11 @@ bench: bootstrap
 
 bench-restore: bootstrap
 	$(PYTHON) bench/bench_restore.py
+
+# Not part of make test: minutes of pgbench load per mode. pgBackRest's baseline needs
+# the pgbackrest package (apt-get install pgbackrest); without it, it is skipped and said so.
+bench-pitr: bootstrap
+	$(PYTHON) bench/bench_pitr.py
 
 bench-files: bootstrap
 	$(PYTHON) bench/bench_files.py

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Incremental file sets: what an hourly run costs against a full run, measured in one run.
 
 Generates an uploads-like tree in a temp dir (default 10,240 files, 1.1 GB of random
@@ -58,7 +58,7 @@ def make_tree(root: Path, files: int, total_bytes: int, seed: int) -> None:
     """``files`` files of random bytes (sizes log-uniform from 2 kB to 2 MB, scaled to
     ``total_bytes``) in directories of ~80 files, year/month like a clinic's uploads."""
     rng = random.Random(seed)
-    sizes = [int(2 ** rng.uniform(11, 21)) for _ in range(files)]
+    sizes = [int(2 ** rng.uniform(11, 21)) for _file in range(files)]
     scale = total_bytes / sum(sizes)
     sizes = [max(1, int(s * scale)) for s in sizes]
     per_dir = 80
@@ -121,7 +121,7 @@ def timed(function, *args, **kwargs):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--files", type=int, default=10_240)
     parser.add_argument("--mb", type=int, default=1100, help="total size of the tree in MB")
     parser.add_argument("--changed", type=int, default=10)
@@ -140,7 +140,7 @@ def main() -> int:
         os.close(fd)
         root = work / "uploads"
         print("generating %d files, %d MB in %s ..." % (args.files, args.mb, root), flush=True)
-        seconds, _ = timed(make_tree, root, args.files, args.mb * 1_000_000, args.seed)
+        seconds, _tree = timed(make_tree, root, args.files, args.mb * 1_000_000, args.seed)
         tree_bytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         print("  %.1f s, %d files, %.1f MB" % (seconds, args.files, tree_bytes / 1e6), flush=True)
         rng = random.Random(args.seed + 1)

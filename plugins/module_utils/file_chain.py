@@ -242,7 +242,7 @@ def _bad(set_id, what):
 
 
 def _int(value):
-    return type(value) is int and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def decode_index(data, set_id, holders, written_by=None):

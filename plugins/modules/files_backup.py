@@ -202,8 +202,8 @@ files:
       C(directories), C(symlinks), C(excluded) entries, C(roots) (each path with its archive name),
       C(skipped) (counts per reason; the paths are in RV(left_out)), C(changed) and C(unreadable) counts.
     - With O(incremental=true) also C(tree) (the counts of the whole tree), C(reused) and C(reused_bytes)
-      (files left to earlier sets), C(deleted) and C(chain) (C(level) V(full) or V(incremental), C(sets): the
-      sets it builds on, oldest first). C(count) and C(bytes) are then what this set stores.
+      (files left to earlier sets), C(deleted) and C(chain) (C(level) V(full) or V(incremental), and in
+      C(sets) the sets it builds on, oldest first). C(count) and C(bytes) are then what this set stores.
   returned: always
   type: dict
   sample:

@@ -231,7 +231,7 @@ def test_full_every_paths_and_a_missing_target_copy_start_a_new_full_set(
     remote = S3Repository(client, s3_bucket, "files")
     both = [local, remote]
     levels = []
-    for _ in range(3):
+    for _run in range(3):
         result = file_backup.run_file_backup(both, options(root, passphrase_file, full_every=2))
         levels.append(result["files"]["chain"]["level"])
         write(root / "letters" / "l1.pdf", os.urandom(100))
@@ -263,7 +263,7 @@ def test_retention_keeps_every_set_a_kept_set_builds_on(tmp_path, passphrase_fil
     root = build(tmp_path)
     repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
     ids = []
-    for _ in range(4):
+    for _run in range(4):
         ids.append(file_backup.run_file_backup([repo], options(root, passphrase_file))["set_id"])
         write(root / "letters" / "l1.pdf", os.urandom(100))
     key = RecordKey.from_file(str(passphrase_file))
@@ -314,7 +314,7 @@ def test_agent_file_group_takes_a_chain_and_rehearses_it(
     }
     config = faultlib.write_config(tmp_path / "uploads.json", settings)
     levels = []
-    for _ in range(2):
+    for _run in range(2):
         backup = faultlib.run_agent(collections_path, config, command="files-backup")
         assert backup.rc == 0, backup.text()
         levels.append(backup.doc["files"]["chain"]["level"])

@@ -109,6 +109,11 @@ def change_twice(root: Path) -> None:
     settle_dirs(root, 1_700_005_000)
 
 
+# gpg is exercised by the chain test above and the agent test; where the chain's logic is
+# what is tested, sets stay unencrypted (the passphrase still seals their records).
+PLAIN = {"encrypt": False}
+
+
 def options(root: Path, passphrase: Path, **extra) -> file_backup.FileBackupOptions:
     return file_backup.FileBackupOptions(
         "uploads", [str(root)], passphrase_file=str(passphrase), incremental=True, **extra
@@ -181,15 +186,16 @@ def test_full_and_two_incrementals_each_restore_their_exact_tree(tmp_path, passp
         restored = restore(repo, target, result["set_id"], passphrase_file)
         assert restored["chain"][-1] == result["set_id"]
         assert snapshot(target) == tree, "set %d" % number
-        outcome = verify_set(
-            repo,
-            set_id=result["set_id"],
-            passphrase_file=str(passphrase_file),
-            size_tolerance_percent=0,
-            max_age_hours=0,
-        )
-        assert outcome["ok"], outcome["failures"]
-        assert [c["status"] for c in outcome["checks"] if c["name"] == "chain"] == ["ok"]
+        if number == 2:  # verify the set that builds on two others
+            outcome = verify_set(
+                repo,
+                set_id=result["set_id"],
+                passphrase_file=str(passphrase_file),
+                size_tolerance_percent=0,
+                max_age_hours=0,
+            )
+            assert outcome["ok"], outcome["failures"]
+            assert [c["status"] for c in outcome["checks"] if c["name"] == "chain"] == ["ok"]
 
     # Nothing changed: the next set is its index alone, no archive.
     fourth = file_backup.run_file_backup([repo], options(root, passphrase_file))
@@ -232,7 +238,9 @@ def test_full_every_paths_and_a_missing_target_copy_start_a_new_full_set(
     both = [local, remote]
     levels = []
     for _run in range(3):
-        result = file_backup.run_file_backup(both, options(root, passphrase_file, full_every=2))
+        result = file_backup.run_file_backup(
+            both, options(root, passphrase_file, full_every=2, **PLAIN)
+        )
         levels.append(result["files"]["chain"]["level"])
         write(root / "letters" / "l1.pdf", os.urandom(100))
     assert levels == ["full", "incremental", "full"]
@@ -240,18 +248,22 @@ def test_full_every_paths_and_a_missing_target_copy_start_a_new_full_set(
     newest = result["set_id"]
     # The newest set is missing from S3 only: the next set is full, naming why.
     remote.delete_set(newest)
-    result = file_backup.run_file_backup(both, options(root, passphrase_file, full_every=5))
+    result = file_backup.run_file_backup(
+        both, options(root, passphrase_file, full_every=5, **PLAIN)
+    )
     assert result["files"]["chain"]["level"] == "full"
     assert any(newest in w and remote.url in w for w in result["warnings"]), result["warnings"]
-    incremental = file_backup.run_file_backup(both, options(root, passphrase_file, full_every=5))
+    incremental = file_backup.run_file_backup(
+        both, options(root, passphrase_file, full_every=5, **PLAIN)
+    )
     assert incremental["files"]["chain"]["level"] == "incremental"
     # An incremental set restores from S3 alone, exactly.
     target = tmp_path / "from-s3"
-    restore(remote, target, incremental["set_id"], passphrase_file)
+    restore(remote, target, incremental["set_id"], passphrase_file, allow_unencrypted=True)
     assert snapshot(target) == snapshot(root)
     # Other paths: a new full set.
     other = file_backup.run_file_backup(
-        both, options(root, passphrase_file, exclude=["*.tmp"], full_every=5)
+        both, options(root, passphrase_file, exclude=["*.tmp"], full_every=5, **PLAIN)
     )
     assert other["files"]["chain"]["level"] == "full"
     assert any("paths or exclude" in w for w in other["warnings"])
@@ -264,7 +276,9 @@ def test_retention_keeps_every_set_a_kept_set_builds_on(tmp_path, passphrase_fil
     repo = LocalRepository(str(tmp_path / "repo"), must_exist=False)
     ids = []
     for _run in range(4):
-        ids.append(file_backup.run_file_backup([repo], options(root, passphrase_file))["set_id"])
+        ids.append(
+            file_backup.run_file_backup([repo], options(root, passphrase_file, **PLAIN))["set_id"]
+        )
         write(root / "letters" / "l1.pdf", os.urandom(100))
     key = RecordKey.from_file(str(passphrase_file))
     policy = RetentionPolicy(daily=1, weekly=0, monthly=0, yearly=0, min_keep=1)
@@ -273,7 +287,9 @@ def test_retention_keeps_every_set_a_kept_set_builds_on(tmp_path, passphrase_fil
     reasons = {d["id"]: d["reasons"] for d in result["decisions"]}
     assert reasons[ids[0]] == ["needed by %s" % ids[3]]
     # A new full set frees the old chain.
-    fresh = file_backup.run_file_backup([repo], options(root, passphrase_file, full_every=1))
+    fresh = file_backup.run_file_backup(
+        [repo], options(root, passphrase_file, full_every=1, **PLAIN)
+    )
     result = apply_retention(repo, policy, key=key)
     assert sorted(result["deleted"]) == sorted(ids) and result["kept"] == [fresh["set_id"]]
     assert [e["id"] for e in list_catalog(repo, key=key)] == [fresh["set_id"]]

@@ -1238,6 +1238,74 @@ def recovery_window(manifest, records):
     return window
 
 
+class ListedWal(object):
+    """A cluster's archived segments as one object listing shows them (a record beside its
+    stored file): a catalog listing must not read thousands of WAL records. Only the
+    record at the end of a window is read, and its seal checked; verify reads them all."""
+
+    def __init__(self, repo, cluster, key):
+        self.repo, self.cluster, self.key = repo, cluster, key
+        prefix = wal.cluster_prefix(cluster)
+        objects = repo.list_objects(prefix)
+        self.present = {}
+        for path in objects:
+            parts = path[len(prefix) + 1 :].split("/")
+            if len(parts) != 2 or not parts[1].endswith(wal.RECORD_SUFFIX):
+                continue
+            try:
+                name = wal.parse_wal_name(parts[1][: -len(wal.RECORD_SUFFIX)])
+            except ConfigError:
+                continue
+            stored = path[: -len(wal.RECORD_SUFFIX)]
+            if (
+                name.kind == "segment"
+                and name.directory == parts[0]
+                and any(stored + wal.stored_suffix(c) in objects for c in pipeline.COMPRESSIONS)
+            ):
+                self.present[name.name] = (name, path)
+        self._read = {}
+
+    def records(self, names):
+        """WalRecords of ``names`` that are listed: unread, except the last one."""
+        out = []
+        for index, name in enumerate(names):
+            if name not in self.present:
+                continue
+            parsed, path = self.present[name]
+            if index == len(names) - 1:
+                out.append(self._checked(parsed, path))
+            else:
+                out.append(wal.WalRecord(parsed, path))
+        return out
+
+    def _checked(self, parsed, path):
+        if path not in self._read:
+            raw = self.repo.read_object(path)
+            if raw is None:
+                self._read[path] = wal.WalRecord(parsed, path, problem="gone")
+            else:
+                record, outcome, problem = wal.check_record(
+                    raw, parsed, self.cluster, path, self.key
+                )
+                self._read[path] = wal.WalRecord(parsed, path, record, problem, outcome)
+        return self._read[path]
+
+    def window(self, manifest):
+        size = _segment_size(manifest) or wal.DEFAULT_SEGMENT_SIZE
+        run = []
+        try:
+            name = manifest["start_wal"]
+            while name in self.present:
+                run.append(name)
+                name = wal.segment_after(name, size)
+        except (KeyError, ConfigError):
+            run = []
+        window = recovery_window(manifest, self.records(run))
+        if window.get("latest") is None and run and "problem" not in window:
+            window["problem"] = "the record of %s cannot be used" % run[-1]
+        return window
+
+
 def add_recovery_windows(repo, entries, key):
     """Give every complete base backup entry of ``entries`` (catalog entries of ``repo``)
     its ``recovery_window``; the WAL of each cluster is listed once."""
@@ -1249,18 +1317,18 @@ def add_recovery_windows(repo, entries, key):
         cluster = manifest.get("cluster") or manifest.get("database")
         if cluster not in listed:
             try:
-                listed[cluster] = wal.list_wal(repo, cluster, key)
+                listed[cluster] = ListedWal(repo, cluster, key)
             except BackupError as exc:
                 listed[cluster] = exc
-        records = listed[cluster]
-        if isinstance(records, BackupError):
+        found = listed[cluster]
+        if isinstance(found, BackupError):
             entry["recovery_window"] = {
                 "earliest": manifest.get("stop_time"),
                 "latest": None,
-                "problem": "the WAL could not be listed: %s" % records,
+                "problem": "the WAL could not be listed: %s" % found,
             }
         else:
-            entry["recovery_window"] = recovery_window(manifest, records)
+            entry["recovery_window"] = found.window(manifest)
     return entries
 
 

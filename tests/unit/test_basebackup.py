@@ -27,6 +27,7 @@ from ansible_collections.clinic.backup.plugins.module_utils.basebackup import (
     restore_base_backup,
     wal_file_name,
 )
+from ansible_collections.clinic.backup.plugins.module_utils.catalog import list_catalog
 from ansible_collections.clinic.backup.plugins.module_utils.errors import ConfigError, SourceError
 from ansible_collections.clinic.backup.plugins.module_utils.repository import LocalRepository
 
@@ -288,3 +289,47 @@ def test_restore_refuses_to_guess_between_clusters_and_checks_the_parent(
             ),
             check_mode=True,
         )
+
+
+def _archived(repo_dir, key, name, sealed=True):
+    """A WAL file as wal-push stores it: the stored file, then its record."""
+    folder = repo_dir / "wal" / "main" / name[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / (name + ".zst.gpg")).write_bytes(b"ciphertext")
+    record = {
+        "format_version": 1,
+        "kind": "wal",
+        "cluster": "main",
+        "name": name,
+        "size": 16 * 1024 * 1024,
+        "sha256_plain": "1" * 64,
+        "stored": {"file": name + ".zst.gpg", "size": 10, "sha256": "2" * 64},
+        "compression": {"method": "zstd", "level": 1},
+        "encryption": {"method": "gpg-symmetric", "cipher": "AES256", "key_id": "0123456789abcdef"},
+        "archived_at": "2026-12-03T13:%02d:00.000000Z" % int(name[-2:], 16),
+        "timeline": 1,
+    }
+    if sealed:
+        record = authentication.seal(record, key, "wal")
+    (folder / (name + ".json")).write_text(json.dumps(record))
+
+
+def test_catalog_window_from_one_listing_and_the_last_record(repo_dir, passphrase_file):
+    key = RecordKey.from_file(str(passphrase_file))
+    for seg in (2, 3, 4, 6):
+        _archived(repo_dir, key, "0000000100000000000000%02X" % seg)
+    _planted_set(repo_dir, key, "20261203T010000Z-main-1a2b3c", "main")
+    manifest_path = repo_dir / "sets" / "20261203T010000Z-main-1a2b3c" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(start_wal="000000010000000000000002", stop_wal="000000010000000000000003")
+    manifest_path.write_text(json.dumps(authentication.seal(manifest, key, "manifest")))
+    repo = LocalRepository(str(repo_dir))
+    entry = basebackup.add_recovery_windows(repo, list_catalog(repo, key=key), key)[0]
+    window = entry["recovery_window"]
+    assert window["latest_wal"] == "000000010000000000000004"  # 5 is missing: the run ends
+    assert window["latest"].startswith("2026-12-03T13:04:00")
+    # The record at the end of the window is checked: an unsealed one is not trusted.
+    _archived(repo_dir, key, "000000010000000000000004", sealed=False)
+    entry = basebackup.add_recovery_windows(repo, list_catalog(repo, key=key), key)[0]
+    assert entry["recovery_window"]["latest"] is None
+    assert entry["recovery_window"]["problem"]

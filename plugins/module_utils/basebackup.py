@@ -375,6 +375,7 @@ class PgBaseBackupSource(object):
         return self._stderr.read()[-pipeline.STDERR_TAIL :].decode("utf-8", "replace").strip()
 
     def close(self):
+        self._done.set()  # the watchdog stops before the stderr file goes
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

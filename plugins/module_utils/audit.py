@@ -370,6 +370,16 @@ def verify_chain(path):
     edited, or does not follow the line before it (see check_line). An empty log is
     intact; a missing one raises ConfigError.
     """
+    with _open_log(path) as handle:
+        previous = None
+        for number, line in _lines(handle):
+            if check_line(line, previous) is not None:
+                return False, number
+            previous = line
+    return True, None
+
+
+def _open_log(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
@@ -377,14 +387,13 @@ def verify_chain(path):
             "cannot open audit log %s: %s" % (path, exc.strerror),
             "give the path of an existing audit log (symlinks are refused)",
         ) from exc
-    with os.fdopen(fd, "rb") as handle:
-        previous = None
-        for number, raw in enumerate(handle, 1):
-            line = raw[:-1] if raw.endswith(b"\n") else raw
-            if check_line(line, previous) is not None:
-                return False, number
-            previous = line
-    return True, None
+    return os.fdopen(fd, "rb")
+
+
+def _lines(handle):
+    """(1-based number, line without its newline) of every line."""
+    for number, raw in enumerate(handle, 1):
+        yield number, raw[:-1] if raw.endswith(b"\n") else raw
 
 
 def log_evidence(path):
@@ -394,18 +403,10 @@ def log_evidence(path):
     an unreadable one raises ConfigError as verify_chain does."""
     if not os.path.lexists(path):
         return {"path": path, "present": False}
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise ConfigError(
-            "cannot open audit log %s: %s" % (path, exc.strerror),
-            "give the path of an existing audit log (symlinks are refused)",
-        ) from exc
     actions, first_at, last_at, records, first_bad = {}, None, None, 0, None
-    with os.fdopen(fd, "rb") as handle:
+    with _open_log(path) as handle:
         previous = None
-        for number, raw in enumerate(handle, 1):
-            line = raw[:-1] if raw.endswith(b"\n") else raw
+        for number, line in _lines(handle):
             if first_bad is None and check_line(line, previous) is not None:
                 first_bad = number
             previous = line

@@ -297,17 +297,29 @@ def restore_tests_from_audit(records, name):
         if moment is None:
             continue
         found.append(
-            {
-                "at": moment,
-                "ok": record.get("outcome") == "ok",
-                "set_id": record.get("set_id"),
-                "rto_seconds": _number(record.get("duration_seconds")),
-                "rpo_seconds": _number(record.get("rpo_seconds")),
-                "source": "audit log",
-                "error": record.get("detail"),
-            }
+            _test_record(
+                moment,
+                record.get("outcome") == "ok",
+                record.get("set_id"),
+                record.get("duration_seconds"),
+                record.get("rpo_seconds"),
+                "audit log",
+                record.get("detail"),
+            )
         )
     return found
+
+
+def _test_record(at, ok, set_id, rto, rpo, source, error=None):
+    return {
+        "at": at,
+        "ok": ok,
+        "set_id": set_id,
+        "rto_seconds": _number(rto),
+        "rpo_seconds": _number(rpo),
+        "source": source,
+        "error": error,
+    }
 
 
 def restore_tests_from_catalog(entries, name):
@@ -322,15 +334,14 @@ def restore_tests_from_catalog(entries, name):
         if moment is None:
             continue
         found.append(
-            {
-                "at": moment,
-                "ok": True,
-                "set_id": entry.get("id"),
-                "rto_seconds": _number(entry.get("restore_test_rto_seconds")),
-                "rpo_seconds": _number(entry.get("restore_test_rpo_seconds")),
-                "source": "catalog",
-                "error": None,
-            }
+            _test_record(
+                moment,
+                True,
+                entry.get("id"),
+                entry.get("restore_test_rto_seconds"),
+                entry.get("restore_test_rpo_seconds"),
+                "catalog",
+            )
         )
     return found
 

@@ -378,7 +378,7 @@ class SetWriting(object):
 def set_summary(what, result):
     """One line for a playbook's summary: ``what`` (e.g. "backup set"), the set, its
     size, how long it took and at what rate, and where it went."""
-    return "%s %s: %s in %s (%s) into %s" % (
+    return "%s %s - %s in %s (%s) into %s" % (
         what,
         result.get("set_id"),
         human_size(result.get("size")),

@@ -250,7 +250,7 @@ duration_seconds:
   returned: success
   type: float
 summary:
-  description: One line for people, e.g. C(restored set ID into clinic_db in 1 min 3 s; data as of ... (RPO 3 h 2 min)).
+  description: One line for people - the set, the database it went into, the measured RTO, and how old the data is (RPO).
   returned: success
   type: str
 rpo_seconds:

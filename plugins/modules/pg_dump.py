@@ -210,7 +210,7 @@ phases:
   returned: success
   type: dict
 summary:
-  description: One line for people, e.g. C(backup set ID: 28.5 MiB in 3 min 12 s (152.0 KiB/s) into /var/backups/clinic/db).
+  description: One line for people - the set, its size, how long it took, the rate, and the repositories it went into.
   returned: success
   type: str
 manifest:

@@ -108,7 +108,7 @@ def test_two_databases_on_one_repository_at_one_minute_both_get_backed_up(
             "commit_seconds",
         }
         assert dump in phases["stream_seconds"] and phases["commit_seconds"] >= 0
-        assert result.doc["summary"].startswith("backup set %s: " % result.doc["set_id"])
+        assert result.doc["summary"].startswith("backup set %s - " % result.doc["set_id"])
     assert sorted(helpers.local_sets(repo_dir)) == sorted(r.doc["set_id"] for r in results)
     assert sorted((r["database"], r["outcome"]) for r in audit_lines(audit)) == sorted(
         [(pg.clinic_db, "ok"), (second_db, "ok")]

@@ -144,7 +144,7 @@ def test_progress_lines_every_interval_and_at_the_end():
     try:
 
         def chunks():
-            for _ in range(4):
+            for _mib in range(4):
                 now[0] += 6.0  # 6 s per MiB: a line at 12 s and 24 s, then the end
                 yield b"x" * (1024 * 1024)
 

@@ -65,6 +65,9 @@ ln -s "$REPO" "$TMP/collections/ansible_collections/clinic/backup"
 export ANSIBLE_COLLECTIONS_PATH="$TMP/collections${ANSIBLE_COLLECTIONS_PATH:+:$ANSIBLE_COLLECTIONS_PATH}"
 # Keep ansible-lint's own cache/tmp out of the work tree and of $HOME.
 export ANSIBLE_LOCAL_TEMP="$TMP/ansible-tmp"
+# An installed copy of clinic.backup in ~/.ansible/collections (e.g. from a molecule or
+# galaxy run) would shadow this checkout: ansible-lint sees a private, empty HOME.
+mkdir -p "$TMP/home"
 
 # roles/ and playbooks/ are the content; galaxy.yml and meta/ (runtime.yml,
 # execution-environment.yml) are added because the `galaxy`, `meta-runtime` and `schema`
@@ -72,7 +75,7 @@ export ANSIBLE_LOCAL_TEMP="$TMP/ansible-tmp"
 # built artifact carries MANIFEST.json instead).
 mapfile -t lint_targets < <(existing roles playbooks)
 if ((${#lint_targets[@]})); then
-  run ansible-lint ansible-lint --profile production --offline -c "$REPO/.ansible-lint" \
+  run ansible-lint env HOME="$TMP/home" ansible-lint --profile production --offline -c "$REPO/.ansible-lint" \
     "${lint_targets[@]}" galaxy.yml meta
 else
   echo "lint: no roles/ or playbooks/ directory: nothing for ansible-lint" >&2

@@ -178,7 +178,7 @@ class RadosGateway:
 
     def _conf_value(self, name: str) -> str:
         for line in self.conf.read_text().splitlines():
-            key, _, value = line.partition("=")
+            key, _sep, value = line.partition("=")
             if key.strip() == name:
                 return value.strip()
         raise KeyError(name)

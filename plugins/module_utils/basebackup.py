@@ -991,7 +991,7 @@ def run_pg_verifybackup(bin_dir, data_dir):
 
 def _pg_major(manifest):
     try:
-        return int(str(manifest.get("pg_version", "")).split(".")[0])
+        return int(str(manifest.get("pg_version", "")).split(".", 1)[0])
     except ValueError:
         return None
 

@@ -209,6 +209,7 @@ def site_vars(root: Path, source: PostgresCluster, bucket: str, endpoint: str) -
         "pg_wal_archiving_restart_command": restart,
         "pg_wal_archiving_cron_file": str(root / "etc/cron.d/clinic-backup-basebackup"),
         "pg_wal_archiving_log_dir": str(root / "var/log/postgresql"),
+        "pg_wal_archiving_metrics_dir": str(root / "var/lib/prometheus/node-exporter"),
         "pg_wal_archiving_audit_log": str(root / "var/log/clinic-backup/audit.log"),
         "pg_wal_archiving_prove_timeout": 60,
     }
@@ -308,6 +309,7 @@ def test_role_converges_restarts_once_and_proves_the_chain(site):
     assert not (local / segment).exists()
     cron = Path(site.vars["pg_wal_archiving_cron_file"]).read_text()
     assert "basebackup --config" in cron and "30 2 * * 0" in cron
+    assert "wal-status --config" in cron and "--metrics-dir" in cron
 
 
 def site_s3_objects(site: Site) -> list[dict[str, Any]]:

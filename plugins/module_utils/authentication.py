@@ -18,6 +18,10 @@ in it.  A verification record binds its set id and the MAC of the manifest it
 checked; a pointer binds the database, the set id and that manifest's MAC. A WAL
 record (purpose "wal") binds a cluster's archived WAL file: its name, sizes, both
 sha256 sums and the data key it was encrypted with.
+
+After a passphrase rotation the old passphrases stay in a keyring (``old_passphrase_files``):
+an encrypted set's manifest records ``encryption.key_id`` (``RecordKey.passphrase_id``, a
+one-way identifier), so reading picks the passphrase that encrypted it.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -41,6 +45,11 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 KEY_LABEL = b"clinic.backup record key v1"
 KEY_ID_LABEL = b"clinic.backup key id v1"
+# The salt of a passphrase's identifier (manifest "encryption.key_id", the keyring's file
+# names): fixed, so that one passphrase always has one identifier. It is a scrypt-derived
+# fingerprint like the records' key_id, so it tells no more about the passphrase than
+# any sealed record does.
+PASSPHRASE_ID_SALT = hashlib.sha256(b"clinic.backup passphrase id v1").digest()[:16]
 PURPOSES = ("manifest", "verification", "pointer", "restore_test", "wal")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -95,6 +104,21 @@ class RecordKey(object):
             [load_passphrase(path) for path in old_passphrase_files or ()],
         )
 
+    def passphrase_id(self):
+        """The identifier of this passphrase (16 hex digits, one-way: scrypt then HMAC)
+        that a set's manifest records as ``encryption.key_id``: which key encrypted it,
+        never the key."""
+        return self.key_id(PASSPHRASE_ID_SALT)
+
+    def with_passphrase_id(self, key_id):
+        """The key (this one or an older one) whose passphrase_id() is ``key_id``, or None."""
+        if not isinstance(key_id, str):
+            return None
+        for key in [self] + self._older:
+            if hmac.compare_digest(key.passphrase_id(), key_id):
+                return key
+        return None
+
     def signer(self, salt, key_id):
         """The key (this passphrase's or an older one's) whose fingerprint for ``salt``
         is ``key_id``, or None."""
@@ -103,15 +127,35 @@ class RecordKey(object):
                 return key
         return None
 
-    def passphrase_for(self, record):
-        """The passphrase that sealed ``record`` (the one its artifacts were encrypted
-        with); this key's own for a record it cannot place."""
-        block = record.get(FIELD) if isinstance(record, dict) else None
+    def identify(self, record):
+        """The key that encrypted and sealed ``record`` (a manifest): by the identifier its
+        ``encryption.key_id`` records, else by its seal's fingerprint; None when the record
+        names neither (a set written before either existed, or one of a stranger)."""
+        if not isinstance(record, dict):
+            return None
+        encryption = record.get("encryption")
+        if isinstance(encryption, dict) and encryption.get("key_id"):
+            found = self.with_passphrase_id(encryption["key_id"])
+            if found is not None:
+                return found
+        block = record.get(FIELD)
         try:
-            signer = self.signer(bytes.fromhex(block["salt"]), block["key_id"])
-        except (TypeError, KeyError, ValueError):
-            signer = None
-        return (signer or self)._passphrase
+            return self.signer(bytes.fromhex(block["salt"]), block["key_id"])
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+    def passphrase_for(self, record):
+        """The passphrase that encrypted ``record``'s artifacts (after a rotation, an older
+        one); this key's own for a record it cannot place."""
+        return (self.identify(record) or self)._passphrase
+
+    def candidates_for(self, record):
+        """The passphrases to try on ``record``'s artifacts: the one it names, or, for a
+        set that names none, every passphrase of the keyring (this one first)."""
+        found = self.identify(record)
+        if found is not None:
+            return [found._passphrase]
+        return [key._passphrase for key in [self] + self._older]
 
     def _key(self, salt):
         key = self._keys.get(salt)

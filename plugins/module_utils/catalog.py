@@ -301,6 +301,8 @@ def catalog_entry(repo, set_id, key=None):
         "finished_at": manifest["finished_at"],
         "size": sum(a["size"] for a in manifest["artifacts"]),
         "encrypted": manifest["encryption"]["method"] != "none",
+        # Which passphrase of the keyring encrypted it (an identifier; None before sets named it).
+        "key_id": manifest["encryption"].get("key_id"),
         "authentication": manifest_authentication(manifest, key),
         "verification": verification.get("state") if verification else "unverified",
         "verified_at": verification.get("verified_at") if verification else None,

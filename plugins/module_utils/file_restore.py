@@ -562,7 +562,7 @@ def _extract(repo, set_id, work, options, session):
     if repo.artifact_size(set_id, artifact["file"]) is None:
         raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
     check_readable_now(repo, manifest)
-    gpg_session = session.gpg_for(manifest)
+    gpg_session = session.gpg_for(manifest, repo)
     recorded = _manifest_files(manifest)
     count, size = recorded.get("count"), recorded.get("bytes")
     os.mkdir(work, 0o700)

@@ -178,6 +178,11 @@ def commit_manifests(targets, manifest, name, set_id, key=None):
     it - last - into every healthy target, then point ``latest`` at the set; returns
     (the manifest as stored, warnings). A target whose commit fails is aborted and keeps
     its error."""
+    encryption = manifest.get("encryption")
+    if key is not None and isinstance(encryption, dict) and encryption.get("method") != "none":
+        # Which passphrase encrypted the set (an identifier, never the key), sealed with the
+        # rest: after a rotation, reading picks the right one from the keyring.
+        manifest = dict(manifest, encryption=dict(encryption, key_id=key.passphrase_id()))
     manifest = authentication.seal(manifest, key, "manifest")
     pointer = authentication.seal(
         {"database": name, "set_id": set_id, "manifest_mac": authentication.record_mac(manifest)},
@@ -589,9 +594,11 @@ class ReadSession(object):
         self.key = authentication.RecordKey.from_file(passphrase_file, old_passphrase_files)
         self._gpg = {}
 
-    def gpg_for(self, manifest):
+    def gpg_for(self, manifest, repo=None):
         """The gpg session that decrypts ``manifest``'s artifacts (None: not encrypted),
-        with the passphrase that sealed it (after a rotation, an older one)."""
+        with the passphrase that encrypted it (after a rotation, an older one): the one
+        its manifest names, or for a set that names none (and ``repo`` to read it from),
+        the first of the keyring that decrypts its smallest artifact."""
         if manifest["encryption"]["method"] == "none":
             return None
         if self.key is None:
@@ -599,10 +606,27 @@ class ReadSession(object):
                 "set %s is encrypted: a passphrase_file is needed to restore it" % manifest["id"],
                 "set passphrase_file to the 0600 file the backups were made with",
             )
-        passphrase = self.key.passphrase_for(manifest)
+        candidates = self.key.candidates_for(manifest)
+        passphrase = candidates[0]
+        if len(candidates) > 1 and repo is not None:
+            passphrase = self._probe(repo, manifest, candidates)
         if passphrase not in self._gpg:
             self._gpg[passphrase] = pipeline.GpgSession(passphrase)
         return self._gpg[passphrase]
+
+    def _probe(self, repo, manifest, candidates):
+        smallest = min(manifest["artifacts"], key=lambda a: a["size"])
+        for passphrase in candidates:
+            if passphrase not in self._gpg:
+                self._gpg[passphrase] = pipeline.GpgSession(passphrase)
+            try:
+                stream_into(repo, manifest["id"], smallest, manifest, self._gpg[passphrase])
+            except ConfigError:
+                continue  # gpg's "Bad session key": not this passphrase
+            except BackupError:
+                break  # damaged: the restore itself names it
+            return passphrase
+        return candidates[0]
 
     def close(self):
         for session in self._gpg.values():

@@ -640,7 +640,7 @@ class DatabaseRestore(object):
             if repo.artifact_size(set_id, artifact["file"]) is None:
                 raise IntegrityError("%s is missing" % repo.location(set_id, artifact["file"]))
         check_readable_now(repo, manifest)
-        gpg_session = self.session.gpg_for(manifest)
+        gpg_session = self.session.gpg_for(manifest, repo)
         result = {"set_id": set_id, "database": manifest["database"], "format": manifest["format"]}
         if options.include_globals:
             result["globals"] = _apply_globals(

@@ -436,27 +436,39 @@ def verify_set(
     # Archived (GLACIER) artifacts are not damaged: say what to do, record nothing.
     check_readable_now(repo, manifest)
     encrypted = manifest["encryption"].get("method") != "none"
-    gpg_session = None
+    # After a rotation, the passphrase the manifest names; for a set that names none,
+    # each passphrase of the keyring in turn until one decrypts every artifact.
+    candidates = [None]
     if deep and encrypted:
         if not passphrase_file:
             raise ConfigError(
                 "set %s is encrypted: a passphrase_file is needed for the decrypt test" % set_id,
                 "set passphrase_file, or deep: false for checksums only",
             )
-        # After a rotation, the passphrase the set was sealed (and encrypted) with.
-        gpg_session = pipeline.GpgSession(key.passphrase_for(manifest))
-    try:
-        # File sets and base backups need tar, not PostgreSQL's tools (a web host may
-        # have none).
-        needs_pg = deep and manifest.get("kind") not in ("files", "basebackup")
-        bin_dir = find_pg_bin_dir(None, pg_bin_dir) if needs_pg else None
-        for artifact in manifest["artifacts"]:
-            checks.extend(
-                verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep)
-            )
-    finally:
-        if gpg_session is not None:
-            gpg_session.close()
+        candidates = key.candidates_for(manifest)
+    # File sets and base backups need tar, not PostgreSQL's tools (a web host may
+    # have none).
+    needs_pg = deep and manifest.get("kind") not in ("files", "basebackup")
+    bin_dir = find_pg_bin_dir(None, pg_bin_dir) if needs_pg else None
+    for index, passphrase in enumerate(candidates):
+        gpg_session = pipeline.GpgSession(passphrase) if passphrase is not None else None
+        try:
+            artifact_checks = []
+            for artifact in manifest["artifacts"]:
+                artifact_checks.extend(
+                    verify_artifact(repo, set_id, artifact, manifest, gpg_session, bin_dir, deep)
+                )
+        except ConfigError:
+            # gpg's "Bad session key" on intact bytes: the next passphrase, if any.
+            if index == len(candidates) - 1:
+                raise
+            continue
+        finally:
+            if gpg_session is not None:
+                gpg_session.close()
+        if index == len(candidates) - 1 or all(c.status != FAIL for c in artifact_checks):
+            break
+    checks.extend(artifact_checks)
     chain = file_chain.chain_check(repo, manifest, key)
     if chain is not None:
         checks.append(Check("chain", chain[0], chain[1]))

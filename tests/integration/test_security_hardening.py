@@ -4,6 +4,7 @@ PostgreSQL cluster and moto S3: each case failed before its fix."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import stat
@@ -389,12 +390,34 @@ def test_after_a_rotation_old_and_new_sets_verify_and_restore(pg, tmp_path, pass
         verify_set(repo, old_set, passphrase_file=str(new_passphrase))
     # The catalog still verifies both afterwards (the records verify_set wrote are sealed).
     assert [e["verification"] for e in catalog.list_catalog(repo, key=key)] == ["ok", "ok"]
+    # Each manifest names the key that encrypted it: an identifier, never the key.
+    ids = {
+        e["id"]: e["manifest"]["encryption"]["key_id"] for e in catalog.list_catalog(repo, key=key)
+    }
+    assert ids == {
+        old_set: RecordKey.from_file(str(passphrase_file)).passphrase_id(),
+        new_set: RecordKey.from_file(str(new_passphrase)).passphrase_id(),
+    }
+    # A set that names no key (written before sets did, unsealed: allowed explicitly) is
+    # opened by trying each passphrase of the keyring: verify and restore both find it.
+    manifest_path = Path(repo.path) / "sets" / old_set / "manifest.json"
+    unnamed = json.loads(manifest_path.read_text())
+    del unnamed["authentication"], unnamed["encryption"]["key_id"]
+    manifest_path.write_text(json.dumps(unnamed))
+    assert key.candidates_for(unnamed)[0] != passphrase_file.read_bytes().rstrip(b"\n")
+    verified = verify_set(repo, old_set, allow_unauthenticated=True, **keyring)
+    assert verified["ok"], verified
+    result = run_restore(
+        repo,
+        connection(pg, "postgres"),
+        RestoreOptions(mode="rehearse", set_id=old_set, allow_unauthenticated=True, **keyring),
+    )
+    assert result["set_id"] == old_set
 
 
 def test_the_agent_takes_old_passphrase_files_from_its_config(
     pg, tmp_path, passphrase_file, collections_path
 ):
-    import json
     import subprocess
     import sys
 

@@ -270,3 +270,36 @@ def test_an_older_key_checks_what_it_sealed_but_never_seals(key):
     ring2 = authentication.RecordKey(b"correct horse battery staple", [b"the 2026 passphrase"])
     ring2.adopt_salt(sealed_by_old, "manifest")
     assert ring2.seal_salt().hex() != sealed_by_old["authentication"]["salt"]
+
+
+def test_a_passphrase_has_one_stable_one_way_identifier():
+    one = authentication.RecordKey(b"correct horse battery staple")
+    again = authentication.RecordKey(b"correct horse battery staple")
+    other = authentication.RecordKey(b"the 2026 passphrase")
+    assert one.passphrase_id() == again.passphrase_id() != other.passphrase_id()
+    assert len(one.passphrase_id()) == 16 and int(one.passphrase_id(), 16) >= 0
+    assert b"correct" not in one.passphrase_id().encode()
+
+
+def test_the_key_a_manifest_names_is_picked_before_its_seal_and_unnamed_sets_try_each():
+    ring = authentication.RecordKey(b"the 2027 passphrase", [b"the 2026 passphrase", b"2025"])
+    old = authentication.RecordKey(b"the 2026 passphrase")
+    named = manifest()
+    named["encryption"] = dict(named["encryption"], key_id=old.passphrase_id())
+    # Named, unsealed (an id is only a hint there, but the right one to try first).
+    assert ring.candidates_for(named) == [b"the 2026 passphrase"]
+    # Sealed by the old key without an id (written before ids): the seal names it.
+    sealed = authentication.seal(manifest(), old, "manifest")
+    assert ring.passphrase_for(sealed) == b"the 2026 passphrase"
+    assert ring.candidates_for(sealed) == [b"the 2026 passphrase"]
+    # Neither: every passphrase of the keyring, the current one first.
+    assert ring.candidates_for(manifest()) == [
+        b"the 2027 passphrase",
+        b"the 2026 passphrase",
+        b"2025",
+    ]
+    # An id no key of the keyring has falls back to the seal, then to trying each.
+    stranger = manifest()
+    stranger["encryption"] = dict(stranger["encryption"], key_id="0" * 16)
+    assert ring.identify(stranger) is None
+    assert len(ring.candidates_for(stranger)) == 3

@@ -24,7 +24,7 @@ VENV="${VENV:-$REPO/.venv}"
 STAMP="$VENV/.requirements.sha256"
 APT_PACKAGES=(
   postgresql postgresql-client gnupg zstd gzip python3-venv python3-dev gcc libpq-dev
-  rsync git make ca-certificates shellcheck cron nginx-light
+  rsync git make ca-certificates shellcheck cron nginx-light logrotate
   # The agent as PostgreSQL's archive_command/restore_command runs it: the server's OS
   # user, the system Python (as on a host with the backup_agent role).
   python3-psycopg2 python3-boto3

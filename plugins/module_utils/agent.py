@@ -488,7 +488,7 @@ def sets_name(config):
     """Whose sets verify and retention are about: the base backups of the config's
     ``cluster`` when it names one (the role pg_wal_archiving's config, whose ``database``
     only says where to connect), else its database's (or file group's) sets."""
-    return config.get("cluster") or config.get("database")
+    return config.get("cluster") or config.get("database") or config.get("name")
 
 
 # A base backup is taken weekly by default: older than a day is not overdue.
@@ -539,8 +539,9 @@ def cmd_list(config, args):
     sets = []
     key = RecordKey.from_file(config.get("passphrase_file"), config.get("old_passphrase_files"))
     for repo in repositories(config, False):
-        # The config's database and, when it names one, its cluster's base backups.
-        names = {config.get("database"), config.get("cluster")} - {None}
+        # The config's database (or file group) and, when it names one, its cluster's
+        # base backups.
+        names = {config.get("database") or config.get("name"), config.get("cluster")} - {None}
         entries = [
             e for e in list_catalog(repo, key=key) if not names or e.get("database") in names
         ]

@@ -86,6 +86,7 @@ def role_vars(root: Path, pg, passphrase: str) -> dict[str, Any]:
         "backup_agent_log_dir": str(root / "var/log/clinic-backup"),
         "backup_agent_audit_log": str(root / "var/log/clinic-backup/audit.log"),
         "backup_agent_cron_file": str(root / "etc/cron.d/clinic-backup"),
+        "backup_agent_logrotate_file": str(root / "etc/logrotate.d/clinic-backup"),
         "backup_agent_restore_test": {"login_user": pg.superuser, "login_password": None},
         "backup_agent_databases": [
             {
@@ -106,8 +107,9 @@ def role_vars(root: Path, pg, passphrase: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def host(tmp_path_factory, collections_path, pg) -> Host:
     root = tmp_path_factory.mktemp("host")
-    # What a Debian host already has: /usr/local/bin, and /etc/cron.d from the cron package.
-    for directory in ("usr/local/bin", "etc/cron.d"):
+    # What a Debian host already has: /usr/local/bin, /etc/cron.d and /etc/logrotate.d from
+    # the cron and logrotate packages.
+    for directory in ("usr/local/bin", "etc/cron.d", "etc/logrotate.d"):
         (root / directory).mkdir(parents=True)
     # ansible.builtin.cron needs the crontab command even with cron_file (make bootstrap
     # installs the cron package); it never touches root's crontab here.
@@ -294,8 +296,8 @@ def test_installed_agent_runs_every_job(host, pg):
 @pytest.mark.parametrize(
     ("passphrase", "message", "fresh"),
     [
-        ("", "backup_agent_passphrase is empty", True),
-        ("one\ntwo", "exactly one line", False),
+        ("", "missing or empty", True),
+        ("one\ntwo", "not one line", False),
     ],
     ids=["empty-on-a-new-host", "two-lines-on-an-installed-host"],
 )
@@ -305,9 +307,14 @@ def test_bad_passphrase_is_refused_and_changes_nothing(
     target = host
     if fresh:
         root = tmp_path / "new-host"
-        for directory in ("usr/local/bin", "etc/cron.d"):
+        for directory in ("usr/local/bin", "etc/cron.d", "etc/logrotate.d"):
             (root / directory).mkdir(parents=True)
-        target = Host(root, role_vars(root, pg, "unused"), host.env, host.inventory)
+        target = Host(
+            root,
+            role_vars(root, pg, "clinic " + secrets.token_urlsafe(24)),
+            host.env,
+            host.inventory,
+        )
     before = snapshot(target.root)
     run = target.play(backup_agent_passphrase=passphrase)
     assert run.rc != 0
@@ -371,9 +378,11 @@ def cron_minutes(path: Path) -> dict[str, str]:
 
 def test_cron_minutes_are_staggered_per_database_and_stable(host, pg, tmp_path):
     root = tmp_path / "two-databases"
-    for directory in ("usr/local/bin", "etc/cron.d"):
+    for directory in ("usr/local/bin", "etc/cron.d", "etc/logrotate.d"):
         (root / directory).mkdir(parents=True)
-    target = Host(root, role_vars(root, pg, "unused"), host.env, host.inventory)
+    target = Host(
+        root, role_vars(root, pg, "clinic " + secrets.token_urlsafe(24)), host.env, host.inventory
+    )
     base = target.vars["backup_agent_databases"][0]
     databases = [base, dict(base, name="billing_db"), dict(base, name="imaging_db")]
     first = target.play(tags="backup_agent_cron", backup_agent_databases=databases)
@@ -497,3 +506,186 @@ def test_wal_alerts_fire_on_failing_and_stalled_archiving(host, tmp_path):
         [promtool, "test", "rules", str(test_file)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def cron_entries(path: Path) -> set[str]:
+    return {
+        line[len("#Ansible: ") :]
+        for line in path.read_text().splitlines()
+        if line.startswith("#Ansible: ")
+    }
+
+
+def test_file_groups_get_their_schedules_and_dropped_entries_go(host, tmp_path):
+    """The runbook's file groups are scheduled with their own retention; dropping a database
+    and a file group from the variables removes their configs and cron entries, and a
+    further converge changes nothing. The installed agent backs up, verifies and prunes a
+    file group with the config the role wrote."""
+    uploads = tmp_path / "uploads"
+    logs = tmp_path / "clinic-logs"
+    for directory, name in ((uploads, "scan.pdf"), (logs, "app.log")):
+        directory.mkdir()
+        (directory / name).write_bytes(b"%s of patient 42\n" % name.encode())
+    database = host.vars["backup_agent_databases"][0]
+    groups = [
+        {"name": "uploads", "paths": [str(uploads)]},
+        {"name": "app_logs", "paths": [str(logs)], "exclude": ["*.tmp"]},
+    ]
+    extra = {"backup_agent_files_repository": str(host.root / "var/backups/clinic/files")}
+    tags = "backup_agent_configure,backup_agent_cron,backup_agent_validate"
+    cron_file = host.path("backup_agent_cron_file")
+    config_dir = host.path("backup_agent_config_dir")
+    host.play(
+        tags=tags,
+        backup_agent_databases=[database, dict(database, name="billing_db")],
+        backup_agent_file_groups=groups,
+        **extra,
+    ).assert_ok()
+    entries = cron_entries(cron_file)
+    for name in ("uploads", "app_logs"):
+        assert {
+            "clinic-backup %s %s" % (job, name)
+            for job in ("files-backup", "verify", "files-restore-test", "retention")
+        } <= entries
+    assert "clinic-backup backup billing_db" in entries
+    lines = cron_file.read_text().splitlines()
+    backup_line = lines[lines.index("#Ansible: clinic-backup files-backup uploads") + 1]
+    assert backup_line.startswith("30 * * * * root ")  # uploads: hourly
+    logs_line = lines[lines.index("#Ansible: clinic-backup files-backup app_logs") + 1]
+    assert logs_line.startswith("30 1 * * * root ")  # application logs: daily
+    app_logs = json.loads((config_dir / "app_logs.json").read_text())
+    assert app_logs["retention"] == {
+        "keep_daily": 14,
+        "keep_weekly": 0,
+        "keep_monthly": 0,
+        "keep_yearly": 0,
+        "min_keep": 3,
+    }
+    assert app_logs["paths"] == [str(logs)] and app_logs["exclude"] == ["*.tmp"]
+    assert app_logs["name"] == "app_logs" and "schedule" not in app_logs
+    assert (config_dir / "billing_db.json").is_file()
+    # Converge with one of each: the other's config and cron entries are gone.
+    one = dict(backup_agent_databases=[database], backup_agent_file_groups=groups[:1], **extra)
+    dropped = host.play(tags=tags, **one).assert_ok()
+    entries = cron_entries(cron_file)
+    assert not [e for e in entries if e.endswith((" app_logs", " billing_db"))], entries
+    assert "clinic-backup files-backup uploads" in entries
+    assert "clinic-backup backup %s" % database["name"] in entries
+    assert not (config_dir / "app_logs.json").exists()
+    assert not (config_dir / "billing_db.json").exists()
+    assert dropped.stats["localhost"]["changed"] > 0
+    again = host.play(tags=tags, **one).assert_ok()
+    assert again.stats["localhost"]["changed"] == 0, again.output()
+    # What cron would run for the group, run now.
+    for command in ("files-backup", "verify", "retention"):
+        proc = subprocess.run(
+            [
+                host.vars["backup_agent_bin_path"],
+                command,
+                "--config",
+                str(config_dir / "uploads.json"),
+            ],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The jobs' logs rotate (daily, 14 days); the audit log never does.
+    logrotate_conf = host.path("backup_agent_logrotate_file")
+    assert "rotate 14" in logrotate_conf.read_text()
+    log_dir = host.path("backup_agent_log_dir")
+    job_log = log_dir / "backup.clinic_db.log"
+    with job_log.open("a") as handle:
+        handle.write('{"ok": true}\n')
+    audit = host.path("backup_agent_audit_log")
+    audit_before = audit.read_bytes()
+    subprocess.run(
+        ["logrotate", "-f", "-s", str(tmp_path / "logrotate.state"), str(logrotate_conf)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert [p.name for p in log_dir.glob("backup.clinic_db.log-*")], sorted(log_dir.iterdir())
+    assert job_log.read_bytes() == b""
+    assert audit.read_bytes() == audit_before
+    assert not list(log_dir.glob("audit.log-*"))
+
+
+def run_wrapper(host: Host, *args: str) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run(
+        [host.vars["backup_agent_bin_path"], *args, "--config", str(host.config())],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return proc.returncode, json.loads(proc.stdout or "{}"), proc.stdout + proc.stderr
+
+
+# Last in this file: it rotates the shared host's passphrase (host.vars follows).
+def test_a_rotation_keeps_old_sets_restorable_and_leaks_no_passphrase(host):
+    """backup_agent_passphrase_replace rotates through backup_passphrase: new sets use the
+    new passphrase, the old one moves into the keyring every config lists, and sets from
+    before and after both verify and restore; neither passphrase shows in the ansible
+    output (-vvv), the audit log, the agent's output or any process's argv."""
+    from tests.faults.test_secrets import ProcSampler
+
+    old = host.vars["backup_agent_passphrase"]
+    new = "2027 " + secrets.token_urlsafe(32)
+    secret_bytes = {"old passphrase": old.encode(), "new passphrase": new.encode()}
+    sampler = ProcSampler(secret_bytes, secret_bytes)
+    sampler.start()
+    outputs: dict[str, str] = {}
+    try:
+        rc, before, text = run_wrapper(host, "backup")
+        assert rc == 0, text
+        outputs["backup before"] = text
+        rotation = host.play(
+            verbosity=3,
+            tags="backup_agent_configure",
+            backup_agent_passphrase=new,
+            backup_agent_passphrase_replace=True,
+        ).assert_ok()
+        host.vars.update(backup_agent_passphrase=new, backup_agent_passphrase_replace=True)
+        again = host.play(tags="backup_agent_configure").assert_ok()
+        rc, after, text = run_wrapper(host, "backup")
+        assert rc == 0, text
+        outputs["backup after"] = text
+        for label, set_id in (("old", before["set_id"]), ("new", after["set_id"])):
+            for command in ("verify", "restore-test"):
+                rc, result, text = run_wrapper(host, command, "--set-id", set_id)
+                assert rc == 0 and result["set_id"] == set_id, text
+                outputs["%s %s" % (command, label)] = text
+        rc, listed, text = run_wrapper(host, "list")
+        outputs["list"] = text
+    finally:
+        sampler.stop()
+    assert again.stats["localhost"]["changed"] == 0, again.output()
+    keyring = host.path("backup_agent_config_dir") / "keyring"
+    (kept,) = keyring.iterdir()
+    assert kept.read_text() == old + "\n" and mode(kept) == 0o400 and mode(keyring) == 0o700
+    assert host.path("backup_agent_passphrase_file").read_text() == new + "\n"
+    assert json.loads(host.config().read_text())["old_passphrase_files"] == [str(kept)]
+    # Each set names its key: the old one by the keyring file's name, never the key itself.
+    key_ids = {s["id"]: s["key_id"] for s in listed["sets"]}
+    assert key_ids[before["set_id"]] == kept.name != key_ids[after["set_id"]]
+    places = {
+        "ansible stdout": rotation.stdout,
+        "ansible stderr": rotation.stderr,
+        "task results": json.dumps(rotation.results, default=str),
+        "audit log": host.path("backup_agent_audit_log").read_text(),
+        **outputs,
+    }
+    assert "EXEC" in rotation.stdout, "-vvv connection debug output missing"
+    leaks = [
+        "%s in %s" % (label, place)
+        for place, text in places.items()
+        for label, secret in (("old", old), ("new", new))
+        if secret in text
+    ]
+    leaks += ["%s in %s of %s" % (label, where, name) for where, _pid, name, label in sampler.hits]
+    assert leaks == []
+    assert "gpg" in sampler.seen, sampler.seen

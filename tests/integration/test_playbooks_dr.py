@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import secrets
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -651,6 +652,12 @@ def test_ransomware_restores_the_verified_set_from_before_the_intrusion(
         .assert_ok()
         .result("intruder config")["set_id"]
     )
+    # "Change all credentials" includes the backup passphrase: rotated on a copy of the
+    # shared passphrase file (the other tests keep theirs), the old one kept in a keyring.
+    old_passphrase = Path(str(dr.base_vars["clinic_backup_passphrase_file"])).read_bytes()
+    rotated_file = write_private(dr.work / ("passphrase-%s" % secrets.token_hex(3)), old_passphrase)
+    keyring = dr.work / ("keyring-%s" % secrets.token_hex(3))
+    new_passphrase = "2027 " + secrets.token_urlsafe(32)
     try:
         run = dr.play(
             "dr_ransomware.yml",
@@ -664,12 +671,24 @@ def test_ransomware_restores_the_verified_set_from_before_the_intrusion(
             ],
             clinic_backup_file_groups=[live_config.group()],
             clinic_backup_restore_file_groups=["config"],
+            clinic_backup_passphrase_file=str(rotated_file),
+            clinic_backup_passphrase_keyring_dir=str(keyring),
+            clinic_backup_rotate_passphrase=True,
+            clinic_backup_new_passphrase=new_passphrase,
         ).assert_ok()
         [placed] = placed_groups(run)
         assert placed["set_id"] == live_config.set_id
         assert intruder in [p["set_id"] for p in placed["passed_over"]]
         live_config.assert_restored()
         assert live_config.web.reloads() == reloads + 1
+        assert rotated_file.read_text() == new_passphrase + "\n"
+        (kept,) = keyring.iterdir()
+        assert kept.read_bytes() == old_passphrase
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o400
+        assert stat.S_IMODE(keyring.stat().st_mode) == 0o700
+        output = json.dumps(run.results) + run.stdout + run.stderr
+        assert new_passphrase not in output
+        assert old_passphrase.rstrip(b"\n").decode() not in output
         restore = run.result(CLEAN_RESTORE)
         assert restore["set_id"] == older
         assert newer in [p["set_id"] for p in restore["passed_over"]]
@@ -688,7 +707,8 @@ def test_ransomware_restores_the_verified_set_from_before_the_intrusion(
         for words in (
             "isolated",
             "S3 / IAM",
-            "passphrase for FUTURE sets",
+            "[x] Backup passphrase rotated: new sets use key",
+            "kept as %s" % kept,
             "KEEP the old",
             "audit",
         ):

@@ -516,11 +516,32 @@ def cron_entries(path: Path) -> set[str]:
     }
 
 
-def test_file_groups_get_their_schedules_and_dropped_entries_go(host, tmp_path):
-    """The runbook's file groups are scheduled with their own retention; dropping a database
-    and a file group from the variables removes their configs and cron entries, and a
-    further converge changes nothing. The installed agent backs up, verifies and prunes a
-    file group with the config the role wrote."""
+def run_wrapper(host: Host, *args: str, config: Path | None = None) -> tuple[int, dict, str]:
+    proc = subprocess.run(
+        [host.vars["backup_agent_bin_path"], *args, "--config", str(config or host.config())],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return proc.returncode, json.loads(proc.stdout or "{}"), proc.stdout + proc.stderr
+
+
+# Last in this file: it changes the shared host's databases, file groups and passphrase.
+# One test, three converges (each costs seconds): file groups, dropped entries and a
+# passphrase rotation share them.
+def test_file_groups_dropped_entries_and_a_rotation_that_keeps_old_sets_restorable(host, tmp_path):
+    """1. The runbook's file groups get their own schedules and retention. 2. Converging
+    with one database and one file group fewer removes the others' configs and cron
+    entries, and a further converge changes nothing. 3. The same converge rotates the
+    passphrase (backup_agent_passphrase_replace, through backup_passphrase): new sets use
+    the new one, the old one moves into the keyring every config lists, and database and
+    file sets from before and after both verify and restore. Neither passphrase shows in
+    the ansible output (-vvv), the audit log, the agent's output or any process's argv.
+    4. The jobs' logs rotate, the audit log does not."""
+    from tests.faults.test_secrets import ProcSampler
+
     uploads = tmp_path / "uploads"
     logs = tmp_path / "clinic-logs"
     for directory, name in ((uploads, "scan.pdf"), (logs, "app.log")):
@@ -531,29 +552,86 @@ def test_file_groups_get_their_schedules_and_dropped_entries_go(host, tmp_path):
         {"name": "uploads", "paths": [str(uploads)]},
         {"name": "app_logs", "paths": [str(logs)], "exclude": ["*.tmp"]},
     ]
-    extra = {"backup_agent_files_repository": str(host.root / "var/backups/clinic/files")}
-    tags = "backup_agent_configure,backup_agent_cron,backup_agent_validate"
+    files_repo = {"backup_agent_files_repository": str(host.root / "var/backups/clinic/files")}
+    tags = "backup_agent_configure,backup_agent_cron"
     cron_file = host.path("backup_agent_cron_file")
     config_dir = host.path("backup_agent_config_dir")
-    host.play(
-        tags=tags,
-        backup_agent_databases=[database, dict(database, name="billing_db")],
-        backup_agent_file_groups=groups,
-        **extra,
-    ).assert_ok()
-    entries = cron_entries(cron_file)
+    uploads_config = config_dir / "uploads.json"
+    old = host.vars["backup_agent_passphrase"]
+    new = "2027 " + secrets.token_urlsafe(32)
+    secret_bytes = {"old passphrase": old.encode(), "new passphrase": new.encode()}
+    sampler = ProcSampler(secret_bytes, secret_bytes)
+    sampler.start()
+    outputs: dict[str, str] = {}
+    try:
+        host.play(
+            tags=tags,
+            backup_agent_databases=[database, dict(database, name="billing_db")],
+            backup_agent_file_groups=groups,
+            **files_repo,
+        ).assert_ok()
+        entries = cron_entries(cron_file)
+        lines = cron_file.read_text().splitlines()
+        app_logs = json.loads((config_dir / "app_logs.json").read_text())
+        billing_config = (config_dir / "billing_db.json").is_file()
+        sets_before = {}
+        for label, command, config in (
+            ("db", "backup", None),
+            ("files", "files-backup", uploads_config),
+        ):
+            rc, result, text = run_wrapper(host, command, config=config)
+            assert rc == 0, text
+            sets_before[label] = result["set_id"]
+            outputs["%s before" % command] = text
+        one = {"backup_agent_databases": [database], "backup_agent_file_groups": groups[:1]}
+        rotation = host.play(
+            verbosity=3,
+            tags=tags,
+            backup_agent_passphrase=new,
+            backup_agent_passphrase_replace=True,
+            **one,
+            **files_repo,
+        ).assert_ok()
+        host.vars.update(backup_agent_passphrase=new, backup_agent_passphrase_replace=True)
+        entries_after = cron_entries(cron_file)
+        again = host.play(tags=tags, **one, **files_repo).assert_ok()
+        sets_after = {}
+        for label, command, config in (
+            ("db", "backup", None),
+            ("files", "files-backup", uploads_config),
+        ):
+            rc, result, text = run_wrapper(host, command, config=config)
+            assert rc == 0, text
+            sets_after[label] = result["set_id"]
+            outputs["%s after" % command] = text
+        for when, sets in (("before", sets_before), ("after", sets_after)):
+            for command, label, config in (
+                ("verify", "db", None),
+                ("restore-test", "db", None),
+                ("verify", "files", uploads_config),
+                ("files-restore-test", "files", uploads_config),
+            ):
+                rc, result, text = run_wrapper(
+                    host, command, "--set-id", sets[label], config=config
+                )
+                assert rc == 0 and result["set_id"] == sets[label], text
+                outputs["%s %s %s" % (command, label, when)] = text
+        rc, listed, text = run_wrapper(host, "list")
+        outputs["list"] = text
+    finally:
+        sampler.stop()
+
+    # 1. File groups: their own schedules, retention, options.
     for name in ("uploads", "app_logs"):
         assert {
             "clinic-backup %s %s" % (job, name)
             for job in ("files-backup", "verify", "files-restore-test", "retention")
         } <= entries
-    assert "clinic-backup backup billing_db" in entries
-    lines = cron_file.read_text().splitlines()
+    assert "clinic-backup backup billing_db" in entries and billing_config
     backup_line = lines[lines.index("#Ansible: clinic-backup files-backup uploads") + 1]
     assert backup_line.startswith("30 * * * * root ")  # uploads: hourly
     logs_line = lines[lines.index("#Ansible: clinic-backup files-backup app_logs") + 1]
     assert logs_line.startswith("30 1 * * * root ")  # application logs: daily
-    app_logs = json.loads((config_dir / "app_logs.json").read_text())
     assert app_logs["retention"] == {
         "keep_daily": 14,
         "keep_weekly": 0,
@@ -563,36 +641,43 @@ def test_file_groups_get_their_schedules_and_dropped_entries_go(host, tmp_path):
     }
     assert app_logs["paths"] == [str(logs)] and app_logs["exclude"] == ["*.tmp"]
     assert app_logs["name"] == "app_logs" and "schedule" not in app_logs
-    assert (config_dir / "billing_db.json").is_file()
-    # Converge with one of each: the other's config and cron entries are gone.
-    one = dict(backup_agent_databases=[database], backup_agent_file_groups=groups[:1], **extra)
-    dropped = host.play(tags=tags, **one).assert_ok()
-    entries = cron_entries(cron_file)
-    assert not [e for e in entries if e.endswith((" app_logs", " billing_db"))], entries
-    assert "clinic-backup files-backup uploads" in entries
-    assert "clinic-backup backup %s" % database["name"] in entries
+
+    # 2. Dropped: configs and cron entries gone; a further converge changes nothing.
+    assert not [e for e in entries_after if e.endswith((" app_logs", " billing_db"))]
+    assert "clinic-backup files-backup uploads" in entries_after
+    assert "clinic-backup backup %s" % database["name"] in entries_after
     assert not (config_dir / "app_logs.json").exists()
     assert not (config_dir / "billing_db.json").exists()
-    assert dropped.stats["localhost"]["changed"] > 0
-    again = host.play(tags=tags, **one).assert_ok()
     assert again.stats["localhost"]["changed"] == 0, again.output()
-    # What cron would run for the group, run now.
-    for command in ("files-backup", "verify", "retention"):
-        proc = subprocess.run(
-            [
-                host.vars["backup_agent_bin_path"],
-                command,
-                "--config",
-                str(config_dir / "uploads.json"),
-            ],
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    # The jobs' logs rotate (daily, 14 days); the audit log never does.
+
+    # 3. Rotation: the keyring, the configs, each set naming its key.
+    keyring = config_dir / "keyring"
+    (kept,) = keyring.iterdir()
+    assert kept.read_text() == old + "\n" and mode(kept) == 0o400 and mode(keyring) == 0o700
+    assert host.path("backup_agent_passphrase_file").read_text() == new + "\n"
+    for config in (host.config(), uploads_config):
+        assert json.loads(config.read_text())["old_passphrase_files"] == [str(kept)]
+    key_ids = {s["id"]: s["key_id"] for s in listed["sets"]}
+    assert key_ids[sets_before["db"]] == kept.name != key_ids[sets_after["db"]]
+    places = {
+        "ansible stdout": rotation.stdout,
+        "ansible stderr": rotation.stderr,
+        "task results": json.dumps(rotation.results, default=str),
+        "audit log": host.path("backup_agent_audit_log").read_text(),
+        **outputs,
+    }
+    assert "EXEC" in rotation.stdout, "-vvv connection debug output missing"
+    leaks = [
+        "%s in %s" % (label, place)
+        for place, text in places.items()
+        for label, secret in (("old", old), ("new", new))
+        if secret in text
+    ]
+    leaks += ["%s in %s of %s" % (label, where, name) for where, _pid, name, label in sampler.hits]
+    assert leaks == []
+    assert "gpg" in sampler.seen, sampler.seen
+
+    # 4. The jobs' logs rotate (daily, 14 days); the audit log never does.
     logrotate_conf = host.path("backup_agent_logrotate_file")
     assert "rotate 14" in logrotate_conf.read_text()
     log_dir = host.path("backup_agent_log_dir")
@@ -611,81 +696,3 @@ def test_file_groups_get_their_schedules_and_dropped_entries_go(host, tmp_path):
     assert job_log.read_bytes() == b""
     assert audit.read_bytes() == audit_before
     assert not list(log_dir.glob("audit.log-*"))
-
-
-def run_wrapper(host: Host, *args: str) -> tuple[int, dict[str, Any], str]:
-    proc = subprocess.run(
-        [host.vars["backup_agent_bin_path"], *args, "--config", str(host.config())],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    return proc.returncode, json.loads(proc.stdout or "{}"), proc.stdout + proc.stderr
-
-
-# Last in this file: it rotates the shared host's passphrase (host.vars follows).
-def test_a_rotation_keeps_old_sets_restorable_and_leaks_no_passphrase(host):
-    """backup_agent_passphrase_replace rotates through backup_passphrase: new sets use the
-    new passphrase, the old one moves into the keyring every config lists, and sets from
-    before and after both verify and restore; neither passphrase shows in the ansible
-    output (-vvv), the audit log, the agent's output or any process's argv."""
-    from tests.faults.test_secrets import ProcSampler
-
-    old = host.vars["backup_agent_passphrase"]
-    new = "2027 " + secrets.token_urlsafe(32)
-    secret_bytes = {"old passphrase": old.encode(), "new passphrase": new.encode()}
-    sampler = ProcSampler(secret_bytes, secret_bytes)
-    sampler.start()
-    outputs: dict[str, str] = {}
-    try:
-        rc, before, text = run_wrapper(host, "backup")
-        assert rc == 0, text
-        outputs["backup before"] = text
-        rotation = host.play(
-            verbosity=3,
-            tags="backup_agent_configure",
-            backup_agent_passphrase=new,
-            backup_agent_passphrase_replace=True,
-        ).assert_ok()
-        host.vars.update(backup_agent_passphrase=new, backup_agent_passphrase_replace=True)
-        again = host.play(tags="backup_agent_configure").assert_ok()
-        rc, after, text = run_wrapper(host, "backup")
-        assert rc == 0, text
-        outputs["backup after"] = text
-        for label, set_id in (("old", before["set_id"]), ("new", after["set_id"])):
-            for command in ("verify", "restore-test"):
-                rc, result, text = run_wrapper(host, command, "--set-id", set_id)
-                assert rc == 0 and result["set_id"] == set_id, text
-                outputs["%s %s" % (command, label)] = text
-        rc, listed, text = run_wrapper(host, "list")
-        outputs["list"] = text
-    finally:
-        sampler.stop()
-    assert again.stats["localhost"]["changed"] == 0, again.output()
-    keyring = host.path("backup_agent_config_dir") / "keyring"
-    (kept,) = keyring.iterdir()
-    assert kept.read_text() == old + "\n" and mode(kept) == 0o400 and mode(keyring) == 0o700
-    assert host.path("backup_agent_passphrase_file").read_text() == new + "\n"
-    assert json.loads(host.config().read_text())["old_passphrase_files"] == [str(kept)]
-    # Each set names its key: the old one by the keyring file's name, never the key itself.
-    key_ids = {s["id"]: s["key_id"] for s in listed["sets"]}
-    assert key_ids[before["set_id"]] == kept.name != key_ids[after["set_id"]]
-    places = {
-        "ansible stdout": rotation.stdout,
-        "ansible stderr": rotation.stderr,
-        "task results": json.dumps(rotation.results, default=str),
-        "audit log": host.path("backup_agent_audit_log").read_text(),
-        **outputs,
-    }
-    assert "EXEC" in rotation.stdout, "-vvv connection debug output missing"
-    leaks = [
-        "%s in %s" % (label, place)
-        for place, text in places.items()
-        for label, secret in (("old", old), ("new", new))
-        if secret in text
-    ]
-    leaks += ["%s in %s of %s" % (label, where, name) for where, _pid, name, label in sampler.hits]
-    assert leaks == []
-    assert "gpg" in sampler.seen, sampler.seen

@@ -23,7 +23,7 @@ description:
     encrypted with the new passphrase and every older set stays restorable with the keyring's files,
     which the agent configs list as C(old_passphrase_files) (RV(old_passphrase_files)).
   - The key id is the one-way identifier each set's manifest records as C(encryption.key_id)
-    (scrypt, then HMAC): it names a passphrase, it never reveals it.
+    (scrypt, then HMAC); it names a passphrase and never reveals it.
   - Without O(passphrase) the file on the host is kept as it is (only its owner and mode are enforced).
 author:
   - Clinic Backup Team (@clinic-backup)
@@ -80,7 +80,7 @@ options:
     elements: str
     default: []
 notes:
-  - Run it as root (C(become)): the files are owned by O(owner), and their mode forbids others.
+  - Run it as root (C(become)); the files are owned by O(owner), and their mode forbids others.
   - The role C(clinic.backup.backup_passphrase) runs it and lists the keyring in the agent configs.
 seealso:
   - module: clinic.backup.backup_verify

@@ -236,4 +236,26 @@ else
   echo "$want" >"$STAMP"
 fi
 
+# ---------------------------------------------------------------------------- 4. promtool
+# molecule's default scenario checks the rendered alert rules with `promtool check rules`.
+# Only the promtool binary is taken out of Debian's prometheus package (apt-get download,
+# dpkg-deb): no Prometheus service is installed or started on this machine. Without it
+# the scenario says the rules were not checked.
+if [[ -x "$VENV/bin/promtool" ]] || command -v promtool >/dev/null 2>&1; then
+  log "promtool: present"
+elif [[ "${CLINIC_SKIP_APT:-0}" == "1" ]]; then
+  log "promtool: skipped (CLINIC_SKIP_APT)"
+else
+  promtool_dir="$(mktemp -d -t clinic-promtool.XXXXXX)"
+  if (cd "$promtool_dir" && apt-get download -q prometheus >/dev/null 2>&1) &&
+    dpkg-deb --fsys-tarfile "$promtool_dir"/prometheus_*.deb |
+    tar -x -O ./usr/bin/promtool >"$promtool_dir/promtool" && [[ -s "$promtool_dir/promtool" ]]; then
+    install -m 0755 "$promtool_dir/promtool" "$VENV/bin/promtool"
+    log "promtool: $VENV/bin/promtool (from Debian's prometheus package)"
+  else
+    log "WARNING: could not fetch Debian's prometheus package: molecule will not check the alert rules with promtool"
+  fi
+  rm -rf "$promtool_dir"
+fi
+
 log "ready: $VENV/bin/python, PostgreSQL binaries in $(compgen -G '/usr/lib/postgresql/*/bin' | sort -V | tail -n1 || echo '?')"

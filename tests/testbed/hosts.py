@@ -397,6 +397,103 @@ def _remove_other_tags(recipe: ImageRecipe, keep: str, progress: Progress) -> No
             podman(["rmi", "--force", ref], check=False)
 
 
+# ---------------------------------------------------------------------------- apt repository
+# Where a host sees the local apt repository (bind-mounted read-only) and the one line
+# of its apt sources that names it. Unsigned (trusted=yes): the .debs in it were
+# fetched and checked against Debian's signed archive by mmdebstrap on the controller.
+APT_REPO_MOUNT = "/srv/clinic-testbed-apt"
+APT_REPO_SOURCE = f"deb [trusted=yes] file:{APT_REPO_MOUNT} ./"
+# What a bare host installs from it: PostgreSQL and every tool of the agent (the
+# database image's packages, python3-apt included), with all their dependencies.
+APT_REPO_RECIPE = ImageRecipe(
+    name="apt-repository",
+    packages=DATABASE_IMAGE.packages,
+    description="a local apt repository: the database image's packages as Debian's .debs",
+)
+
+
+def apt_repository_dir(recipe: ImageRecipe = APT_REPO_RECIPE) -> Path:
+    return CACHE_DIR / "apt" / recipe.recipe_hash()
+
+
+def ensure_apt_repository(
+    recipe: ImageRecipe = APT_REPO_RECIPE, progress: Progress = _stderr_progress
+) -> Path:
+    """A flat apt repository of ``recipe``'s packages and their dependencies; its path.
+
+    mmdebstrap resolves and downloads them from Debian's mirror exactly as for the
+    images (``--skip=download/empty`` keeps the .debs, a ``sync-out`` hook copies them
+    out) and the index is written from each .deb's own control fields. Built once per
+    recipe and kept in the cache, like the images.
+    """
+    target = apt_repository_dir(recipe)
+    rebuild = os.environ.get("CLINIC_TESTBED_REBUILD") == "1"
+    with _build_lock():
+        if (target / "Packages").exists() and not rebuild:
+            progress(f"apt repository {target} cached")
+            return target
+        started = time.monotonic()
+        progress(f"building {recipe.description} with mmdebstrap (a minute or two)")
+        work = target.parent / f".{target.name}.{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "debs").mkdir(parents=True, mode=0o755)
+        log_path = BUILD_DIR / f"{recipe.name}.log"
+        argv = [
+            "mmdebstrap",
+            f"--variant={VARIANT}",
+            "--mode=root",
+            "--format=null",
+            f"--include={','.join(recipe.packages)}",
+            '--aptopt=Acquire::Retries "3"',
+            "--skip=download/empty",
+            f"--customize-hook=sync-out /var/cache/apt/archives {work / 'debs'}",
+            SUITE,
+            "/dev/null",
+            *recipe.mirrors(),
+        ]
+        with open(log_path, "w") as log:
+            log.write(f"+ {argv}\n")
+            log.flush()
+            rc = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, check=False
+            ).returncode
+        if rc != 0:
+            tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-40:])
+            shutil.rmtree(work, ignore_errors=True)
+            raise HostsError(
+                f"mmdebstrap for the apt repository exited {rc} (log {log_path}):\n{tail}"
+            )
+        debs = sorted((work / "debs").glob("*.deb"))
+        for deb in debs:
+            deb.rename(work / deb.name)
+        shutil.rmtree(work / "debs")  # apt's lock and partial/ are left in it
+        (work / "Packages").write_text("".join(_packages_stanza(work / d.name) for d in debs))
+        work.chmod(0o755)
+        shutil.rmtree(target, ignore_errors=True)
+        work.rename(target)
+        for other in target.parent.iterdir():
+            if other != target and not other.name.startswith("."):
+                shutil.rmtree(other, ignore_errors=True)
+        progress(
+            f"apt repository {target} built in {time.monotonic() - started:.0f}s "
+            f"({len(debs)} packages)"
+        )
+    return target
+
+
+def _packages_stanza(deb: Path) -> str:
+    """The Packages index entry of one .deb: its control fields plus where and what it is."""
+    control = subprocess.run(
+        ["dpkg-deb", "--field", str(deb)], capture_output=True, text=True, check=True
+    ).stdout.rstrip("\n")
+    data = deb.read_bytes()
+    return (
+        f"{control}\nFilename: ./{deb.name}\nSize: {len(data)}\n"
+        f"MD5sum: {hashlib.md5(data).hexdigest()}\n"
+        f"SHA256: {hashlib.sha256(data).hexdigest()}\n\n"
+    )
+
+
 # ---------------------------------------------------------------------------- forwarding
 class ForwardingGuard:
     """Remembers the IP forwarding sysctls and writes back any that netavark turned on."""
@@ -505,9 +602,18 @@ class HostNetwork:
             db.exec(["pg_lsclusters"])
     """
 
-    def __init__(self, work_dir: Path, progress: Progress = _stderr_progress) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        progress: Progress = _stderr_progress,
+        owner_pid: int | None = None,
+    ) -> None:
         self.work_dir = Path(work_dir)
         self.progress = progress
+        # The process whose death makes these hosts leftovers (remove_leftovers): this
+        # one by default; molecule's create step names the molecule process instead,
+        # since the hosts outlive the short command that started them.
+        self.owner_pid = owner_pid or os.getpid()
         self.token = secrets.token_hex(4)
         self.name = f"clinic-tb-{self.token}"
         self.hosts: dict[str, Host] = {}
@@ -585,7 +691,7 @@ class HostNetwork:
                     "--label",
                     f"{LABEL}=1",
                     "--label",
-                    f"{LABEL_PID}={os.getpid()}",
+                    f"{LABEL_PID}={self.owner_pid}",
                     self.name,
                 ],
                 check=False,
@@ -595,11 +701,24 @@ class HostNetwork:
             last = proc.stderr.decode(errors="replace").strip()
         raise HostsError(f"podman network create {self.name} failed {attempts} times: {last}")
 
-    def start(self, name: str, image: ImageRecipe, wait: float = 60) -> Host:
-        """Start host ``name`` from ``image`` (which must be built) and wait for sshd."""
+    def start(
+        self,
+        name: str,
+        image: ImageRecipe,
+        wait: float = 60,
+        read_only_mounts: Mapping[str, str] | None = None,
+    ) -> Host:
+        """Start host ``name`` from ``image`` (which must be built) and wait for sshd.
+
+        ``read_only_mounts`` maps controller paths to paths in the host (bind mounts,
+        read-only), e.g. the local apt repository of :func:`ensure_apt_repository`.
+        """
         if name in self.hosts:
             raise ValueError(f"host {name} already started")
         container = f"{self.name}-{name}"
+        mounts: list[str] = []
+        for source, target in (read_only_mounts or {}).items():
+            mounts += ["--volume", f"{source}:{target}:ro"]
         try:
             podman(
                 [
@@ -619,9 +738,10 @@ class HostNetwork:
                     "--label",
                     f"{LABEL}=1",
                     "--label",
-                    f"{LABEL_PID}={os.getpid()}",
+                    f"{LABEL_PID}={self.owner_pid}",
                     "--volume",
                     f"{self.public_key_file}:/root/.ssh/authorized_keys:ro",
+                    *mounts,
                     image.tag,
                 ]
             )
@@ -642,6 +762,12 @@ class HostNetwork:
             time.sleep(0.1)
         self.progress(f"host {name} ({image.name}) up at {ip} on internal network {self.name}")
         return host
+
+    def remove(self, name: str) -> None:
+        """Remove host ``name`` now (a server that died); the network stays."""
+        host = self.hosts.pop(name)
+        podman(["rm", "--force", "--time", "0", host.container])
+        self.progress(f"host {name} removed")
 
     def write_inventory(self, path: Path | None = None) -> Path:
         """An Ansible inventory (YAML) of every host, grouped by image name; returns it.

@@ -4,16 +4,18 @@ VENV ?= $(CURDIR)/.venv
 PYTHON := $(VENV)/bin/python
 export VENV
 
-.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults test-hosts test-hosts-clean sanity galaxy-import bench bench-restore bench-files clean
+.PHONY: help bootstrap demo test lint pytest test-unit test-integration test-faults test-hosts test-hosts-clean molecule sanity galaxy-import bench bench-restore bench-files bench-fleet clean
 
 help:
 	@echo "make demo   - back up a local PostgreSQL (throwaway sample cluster unless DATABASE_URL is set)"
 	@echo "make test   - install what is needed (apt + .venv) and run every gate and test"
 	@echo "make test-hosts - Debian 12 test hosts in podman (images built once, then cached)"
+	@echo "make molecule - the molecule scenarios (default: site.yml; replacement: server failure) on those hosts"
 	@echo "make bench  - time a backup against bare pg_dump baselines (BENCH_SCALE=...)"
 	@echo "make bench-restore - time the restore rehearsal against bare pg_restore (BENCH_SCALE=...)"
 	@echo "make bench-pitr - WAL archiving and point-in-time recovery against cp and pgBackRest (BENCH_LOAD_SECONDS=...)"
 	@echo "make bench-files - incremental file sets: an hourly run against a full one (10,240 files, 1.1 GB)"
+	@echo "make bench-fleet - backup.yml over 20 podman database hosts against one host"
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -49,6 +51,10 @@ test-faults: bootstrap
 test-hosts: bootstrap
 	$(PYTHON) -m pytest -rs tests/hosts
 
+# molecule test -s default and -s replacement (also part of `make test`, via tests/molecule).
+molecule: bootstrap
+	$(PYTHON) -m pytest -rs tests/molecule
+
 # Removes the test host images, containers and networks (the whole podman storage of
 # the test bed, outside the work tree); the next run builds the images again.
 test-hosts-clean:
@@ -73,6 +79,10 @@ bench-pitr: bootstrap
 
 bench-files: bootstrap
 	$(PYTHON) bench/bench_files.py
+
+# Not in `make test`: 20 podman hosts, a few minutes.
+bench-fleet: bootstrap
+	$(PYTHON) bench/bench_fleet.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache tests/output

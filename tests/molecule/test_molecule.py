@@ -11,6 +11,7 @@ failure.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -75,8 +76,10 @@ def test_molecule_scenario(scenario: str, molecule_env: dict[str, str], tmp_path
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, f"molecule test -s {scenario} failed:\n{output[-12000:]}"
     # Every stage of the sequence ran and passed (none was skipped or missing).
+    # ("[default > verify] Executed: Successful", or "default ➜ verify: ..." on a terminal)
     for stage in ("create", "prepare", "converge", "idempotence", "verify", "destroy"):
-        assert f"{stage}: Executed: Successful" in output, (stage, output[-6000:])
+        done = re.search(rf"{scenario}\W+{stage}\]?:? Executed: Successful", output)
+        assert done, (stage, output[-6000:])
     if scenario == "default" and "NOT CHECKED: promtool" in output:
         print("molecule default: promtool is not installed; the alert rules were not checked")
     print(f"molecule test -s {scenario}: {elapsed:.0f}s")

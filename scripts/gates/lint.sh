@@ -73,7 +73,8 @@ mkdir -p "$TMP/home"
 # execution-environment.yml) are added because the `galaxy`, `meta-runtime` and `schema`
 # rules check them, and galaxy-importer's own ansible-lint run never sees galaxy.yml (the
 # built artifact carries MANIFEST.json instead).
-mapfile -t lint_targets < <(existing roles playbooks)
+# molecule/ (the scenarios' playbooks) is linted like the content it tests.
+mapfile -t lint_targets < <(existing roles playbooks molecule)
 if ((${#lint_targets[@]})); then
   run ansible-lint env HOME="$TMP/home" ansible-lint --profile production --offline -c "$REPO/.ansible-lint" \
     "${lint_targets[@]}" galaxy.yml meta

@@ -59,7 +59,8 @@ cur.execute(
 )
 memberships = [list(row) for row in cur.fetchall()]
 cur.execute(
-    "SELECT pg_get_userbyid(datdba), coalesce(datacl::text, '') FROM pg_database WHERE datname = %s",
+    "SELECT pg_get_userbyid(datdba), coalesce(datacl::text, '') FROM pg_database"
+    " WHERE datname = %s",
     (database,),
 )
 owner, acl = cur.fetchone()

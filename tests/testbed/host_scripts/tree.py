@@ -1,13 +1,13 @@
 """A directory tree as JSON: relative path -> [type, mode, owner, group, size, sha256 or link].
 
-    python3 tree.py ROOT
+python3 tree.py ROOT
 """
 
+import grp
 import hashlib
 import json
 import os
 import pwd
-import grp
 import stat
 import sys
 
@@ -17,7 +17,13 @@ for top, dirs, files in os.walk(root):
     for name in sorted(dirs + files):
         path = os.path.join(top, name)
         info = os.lstat(path)
-        kind = "dir" if stat.S_ISDIR(info.st_mode) else "link" if stat.S_ISLNK(info.st_mode) else "file"
+        kind = (
+            "dir"
+            if stat.S_ISDIR(info.st_mode)
+            else "link"
+            if stat.S_ISLNK(info.st_mode)
+            else "file"
+        )
         content = ""
         if kind == "file":
             with open(path, "rb") as handle:

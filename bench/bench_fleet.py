@@ -73,7 +73,8 @@ def prepare_host(host: Host, password: str, passphrase: str, scale: int) -> None
                 " starts_at, room FROM appointments ORDER BY id LIMIT 5000;\n"
             ),
         )
-    host.exec(["install", "-d", "-m", "0700", "/etc/clinic-backup"])
+    # The backup disk (the repository's parent), as roles/backup_agent makes it.
+    host.exec(["install", "-d", "-m", "0700", "/etc/clinic-backup", "/var/backups/clinic"])
     for path, content in (
         ("/root/.pgpass", f"127.0.0.1:5432:*:clinic_user:{password}\n"),
         (PASSPHRASE_FILE, passphrase + "\n"),

@@ -427,6 +427,54 @@ def test_engine_subpackages_are_installed_and_removed_with_the_collection(host):
     assert not (installed / "sample.py").exists()
 
 
+def test_a_weekly_file_group_is_missing_only_after_its_week(host, tmp_path):
+    """ClinicBackupMissing: 25 h for a daily backup, but the weekly configuration group
+    (backup_monitoring_backup_max_age_hours_by_database) only after 193 h."""
+    rules_file = Path(host.vars["backup_monitoring_rules_file"])
+    doc = yaml.safe_load(rules_file.read_text())
+    expr = {r["alert"]: r for g in doc["groups"] for r in g["rules"]}["ClinicBackupMissing"]["expr"]
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool is not installed")
+    metric = "clinic_backup_last_success_timestamp_seconds"
+    series = [
+        {"series": '%s{database="%s",operation="backup"}' % (metric, name), "values": "0x300"}
+        for name in ("configuration", "clinic_db")
+    ]
+
+    def firing(hours, *names):
+        return {
+            "expr": expr,
+            "eval_time": "%dh" % hours,
+            "exp_samples": [
+                {"labels": '{database="%s",operation="backup"}' % n, "value": hours * 3600}
+                for n in names
+            ],
+        }
+
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1h",
+        "tests": [
+            {
+                "interval": "1h",
+                "input_series": series,
+                "promql_expr_test": [
+                    firing(24),
+                    firing(72, "clinic_db"),
+                    firing(200, "configuration", "clinic_db"),
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "missing.test.yml"
+    test_file.write_text(yaml.safe_dump(test))
+    proc = subprocess.run(
+        [promtool, "test", "rules", str(test_file)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_wal_alerts_fire_on_failing_and_stalled_archiving(host, tmp_path):
     """ClinicWalArchiveFailing / ClinicWalArchiveStalled, evaluated by promtool on series
     like the ones `clinic-backup wal-status` writes (issue #7)."""

@@ -84,6 +84,12 @@ def patient_sql(mrn: str, name: str) -> str:
     )
 
 
+def result_set(run: PlaybookResult) -> str:
+    return run.result("Restore the base backup, replay the WAL to the target, promote and check")[
+        "set_id"
+    ]
+
+
 def server_account_name(cluster: PostgresCluster) -> str:
     account = cluster._account  # the test bed's unprivileged server account
     return account.pw_name if account else os.environ.get("USER", "postgres")
@@ -130,7 +136,9 @@ class Site:
             cwd="/",
         )
 
-    def recover(self, new: PostgresCluster, **overrides: Any) -> PlaybookResult:
+    def recover(
+        self, new: PostgresCluster, check: bool = False, **overrides: Any
+    ) -> PlaybookResult:
         extra = {
             "clinic_backup_passphrase_file": self.vars["pg_wal_archiving_passphrase_source"],
             "clinic_backup_pitr_cluster": self.vars["pg_wal_archiving_cluster"],
@@ -146,7 +154,9 @@ class Site:
             "clinic_backup_restore_s3_target": self.vars["pg_wal_archiving_s3_targets"][0],
         }
         extra.update(overrides)
-        return run_playbook(PITR_PLAYBOOK, self.env, extra_vars=extra, inventory=self.inventory)
+        return run_playbook(
+            PITR_PLAYBOOK, self.env, extra_vars=extra, inventory=self.inventory, check=check
+        )
 
     def now(self) -> str:
         return self.source.psql(
@@ -357,9 +367,21 @@ def test_point_in_time_gives_a_not_b_and_latest_from_s3_loses_nothing(site):
     to_time = PostgresCluster()
     to_latest = PostgresCluster()
     try:
+        # Check mode names the base backup and writes nothing.
+        dry = site.recover(
+            to_time,
+            check=True,
+            clinic_backup_pitr_target="time",
+            clinic_backup_pitr_target_value=target,
+        ).assert_ok()
+        would = dry.result(
+            "Restore the base backup, replay the WAL to the target, promote and check"
+        )
+        assert would["set_id"] and not os.path.exists(to_time.data_dir)
         run = site.recover(
             to_time, clinic_backup_pitr_target="time", clinic_backup_pitr_target_value=target
         ).assert_ok()
+        assert result_set(run) == would["set_id"]
         result = run.result(
             "Restore the base backup, replay the WAL to the target, promote and check"
         )

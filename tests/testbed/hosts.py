@@ -404,10 +404,11 @@ def _remove_other_tags(recipe: ImageRecipe, keep: str, progress: Progress) -> No
 APT_REPO_MOUNT = "/srv/clinic-testbed-apt"
 APT_REPO_SOURCE = f"deb [trusted=yes] file:{APT_REPO_MOUNT} ./"
 # What a bare host installs from it: PostgreSQL and every tool of the agent (the
-# database image's packages, python3-apt included), with all their dependencies.
+# database image's packages, python3-apt included, and backup_agent_packages' logrotate),
+# with all their dependencies.
 APT_REPO_RECIPE = ImageRecipe(
     name="apt-repository",
-    packages=DATABASE_IMAGE.packages,
+    packages=(*DATABASE_IMAGE.packages, "logrotate"),
     description="a local apt repository: the database image's packages as Debian's .debs",
 )
 

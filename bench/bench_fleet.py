@@ -62,7 +62,7 @@ def prepare_host(host: Host, password: str, passphrase: str, scale: int) -> None
         ),
     )
     host.exec([*psql, "-d", "clinic_db", "-f", "-"], input_text=CLINIC_SQL.read_text())
-    for _ in range(scale - 1):
+    for _copy in range(scale - 1):
         # More rows of the same shape (the data is the same on every host).
         host.exec(
             [*psql, "-d", "clinic_db", "-f", "-"],
@@ -134,7 +134,7 @@ def run_backup(env: dict[str, str], inventory: Path, limit: str, forks: int) -> 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--hosts", type=int, default=20)
     parser.add_argument("--forks", default="5,20", help="comma-separated fork counts (5 = default)")
     parser.add_argument("--repeat", type=int, default=2)

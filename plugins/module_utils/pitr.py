@@ -331,7 +331,10 @@ def postmaster_status(data_dir):
         return None
     except PermissionError:
         pass
-    field = lambda n: lines[n].strip() if len(lines) > n else ""  # noqa: E731
+
+    def field(number):
+        return lines[number].strip() if len(lines) > number else ""
+
     return {
         "pid": pid,
         "port": int(field(3)) if field(3).isdigit() else None,

@@ -21,6 +21,8 @@ description:
     record is stored in O(repository) and every one of O(s3_targets) - the proof that C(archive_command)
     reaches the repositories, not only that PostgreSQL called it.
   - Connects as a superuser (C(ALTER SYSTEM), C(pg_file_settings) and C(pg_switch_wal()) need one).
+  - Runs no PostgreSQL program, so O(pg_bin_dir) is accepted (one set of connection variables serves every
+    module) and ignored.
 author:
   - Clinic Backup Team (@clinic-backup)
 extends_documentation_fragment:
@@ -94,6 +96,19 @@ options:
       storage_class:
         description: Ignored here (only read).
         type: str
+      object_lock:
+        description: Ignored here (only read).
+        type: dict
+        suboptions:
+          mode:
+            description: Ignored here (only read).
+            type: str
+            required: true
+            choices: [GOVERNANCE, COMPLIANCE]
+          days:
+            description: Ignored here (only read).
+            type: int
+            required: true
 requirements:
   - psycopg2 on the host (boto3 with O(s3_targets))
 seealso:
@@ -174,7 +189,6 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
 
 def argument_spec():
     spec = dict(CONNECTION_ARGS)
-    spec.pop("pg_bin_dir")
     spec["database"] = dict(type="str", default="postgres", aliases=["db", "login_db"])
     spec.update(AWS_CREDENTIAL_ARGS)
     spec.update(AUDIT_ARGS)

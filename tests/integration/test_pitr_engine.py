@@ -88,7 +88,7 @@ class Archive:
 
     def switch_and_wait(self) -> None:
         name = self.source.psql("SELECT pg_walfile_name(pg_switch_wal());")
-        wait_until(lambda: (self.wal_dir / name).exists(), timeout=60, what=f"{name} archived")
+        wait_until((self.wal_dir / name).exists, timeout=60, what=f"{name} archived")
 
     def restore_base(self, data_dir: str):
         shutil.copytree(self.base, data_dir, dirs_exist_ok=True)

@@ -159,7 +159,7 @@ def create(args: argparse.Namespace) -> int:
         destroy(args)
     specs = [_parse_host(spec) for spec in args.host]
     try:
-        prepare_images([IMAGES[i] for i in sorted({image for _, image, _ in specs})], _progress)
+        prepare_images([IMAGES[i] for i in sorted({spec[1] for spec in specs})], _progress)
     except HostsUnavailable as exc:
         print(f"test hosts unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -55,12 +55,26 @@ def tree(root: Path) -> dict[str, tuple]:
     return out
 
 
+def _same_device(path: Path, device: int) -> bool:
+    try:
+        return os.lstat(path).st_dev == device
+    except OSError:
+        return False
+
+
 def plaintext_copies(token: bytes, roots, skip: Path, since: float) -> list[str]:
     """Regular files below ``roots`` written since ``since`` that contain ``token``."""
     found = []
     for root in roots:
+        # Stay on the root's own filesystem: a /proc mounted under /tmp (a chroot being
+        # built) holds "regular" files such as kmsg whose read never ends.
+        device = os.stat(root).st_dev
         for current, dirs, names in os.walk(root, onerror=lambda _exc: None):
-            dirs[:] = [d for d in dirs if Path(current, d) != skip]
+            dirs[:] = [
+                d
+                for d in dirs
+                if Path(current, d) != skip and _same_device(Path(current, d), device)
+            ]
             for name in names:
                 path = os.path.join(current, name)
                 try:

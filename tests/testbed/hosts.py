@@ -66,6 +66,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -320,6 +321,18 @@ def ensure_image(recipe: ImageRecipe, progress: Progress = _stderr_progress) -> 
     return tag
 
 
+def _unmount_leftovers() -> list[str]:
+    """Mounts a failed mmdebstrap left in its chroot under the temp dir (/proc, /sys,
+    /dev...): lazily unmounted, deepest first, so that nothing walking /tmp later reads
+    /proc/kmsg (a read that never ends) and the next build starts clean."""
+    prefix = os.path.join(tempfile.gettempdir(), "mmdebstrap.")
+    with open("/proc/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return points
+
+
 def _build(recipe: ImageRecipe, tag: str, progress: Progress) -> None:
     tarball = BUILD_DIR / f"{recipe.name}-{recipe.recipe_hash()}.tar"
     log_path = BUILD_DIR / f"{recipe.name}.log"
@@ -360,6 +373,7 @@ def _build(recipe: ImageRecipe, tag: str, progress: Progress) -> None:
                     progress(f"  {recipe.name}: {line[3:].strip()}")
             rc = proc.wait()
         if rc != 0:
+            _unmount_leftovers()
             tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-40:])
             raise HostsError(f"mmdebstrap for {tag} exited {rc} (log {log_path}):\n{tail}")
         progress(f"  {recipe.name}: podman import ({tarball.stat().st_size // 2**20} MiB)")
@@ -453,11 +467,24 @@ def ensure_apt_repository(
             *recipe.mirrors(),
         ]
         with open(log_path, "w") as log:
-            log.write(f"+ {argv}\n")
-            log.flush()
-            rc = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, check=False
-            ).returncode
+            # Twice at most: mmdebstrap sometimes fails to unmount its chroot's /proc
+            # ("target is busy") after a complete download.
+            for attempt in range(2):
+                log.write(f"+ {argv}\n")
+                log.flush()
+                rc = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                ).returncode
+                if rc == 0:
+                    break
+                left = _unmount_leftovers()
+                log.write(f"attempt {attempt + 1} exited {rc}; unmounted leftovers: {left}\n")
+                shutil.rmtree(work / "debs", ignore_errors=True)
+                (work / "debs").mkdir(parents=True, mode=0o755)
         if rc != 0:
             tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-40:])
             shutil.rmtree(work, ignore_errors=True)

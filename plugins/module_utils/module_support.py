@@ -129,6 +129,39 @@ def local_repository(path, must_exist=True, create_parents=False):
     return LocalRepository(path, must_exist=must_exist, create_parents=create_parents)
 
 
+# The options of every module that writes a set (pg_dump, pg_basebackup, files_backup):
+# where it goes and how it is stored.
+SET_WRITING_ARGS = dict(
+    compression=dict(type="str", default="zstd", choices=["zstd", "gzip", "none"]),
+    compression_level=dict(type="int"),
+    encrypt=dict(type="bool", default=True),
+    passphrase_file=dict(type="path", no_log=False),
+    repository=dict(type="path"),
+    create_repository=dict(type="bool", default=False),
+    s3_targets=dict(type="list", elements="dict", default=[], options=s3_target_options()),
+    label=dict(type="str"),
+    stale_seconds=dict(type="int", default=3600),
+)
+
+
+def target_repositories(params):
+    """The repositories a module writes a new set into: the local ``repository``
+    (created if missing, its parent only with ``create_repository``) and every entry of
+    ``s3_targets``."""
+    repositories = []
+    if params["repository"]:
+        repositories.append(
+            local_repository(
+                params["repository"],
+                must_exist=False,
+                create_parents=params["create_repository"],
+            )
+        )
+    for target in params["s3_targets"]:
+        repositories.append(s3_repository(target, params))
+    return repositories
+
+
 def repositories_from_params(params):
     """The repositories a module reads: ``repository`` (local) and/or ``bucket``/``prefix``."""
     repos = []

@@ -267,12 +267,11 @@ from ansible_collections.clinic.backup.plugins.module_utils.file_backup import (
 from ansible_collections.clinic.backup.plugins.module_utils.module_support import (
     AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
+    SET_WRITING_ARGS,
     exit_audited,
     fail_audited,
-    local_repository,
     missing_library,
-    s3_repository,
-    s3_target_options,
+    target_repositories,
 )
 
 
@@ -283,34 +282,11 @@ def argument_spec():
         name=dict(type="str", required=True),
         paths=dict(type="list", elements="path", required=True),
         exclude=dict(type="list", elements="str", default=[]),
-        compression=dict(type="str", default="zstd", choices=["zstd", "gzip", "none"]),
-        compression_level=dict(type="int"),
-        encrypt=dict(type="bool", default=True),
-        passphrase_file=dict(type="path", no_log=False),
-        repository=dict(type="path"),
-        create_repository=dict(type="bool", default=False),
-        s3_targets=dict(type="list", elements="dict", default=[], options=s3_target_options()),
-        label=dict(type="str"),
-        stale_seconds=dict(type="int", default=3600),
         incremental=dict(type="bool", default=False),
         full_every=dict(type="int", default=24),
     )
+    spec.update(SET_WRITING_ARGS)
     return spec
-
-
-def build_repositories(params):
-    repositories = []
-    if params["repository"]:
-        repositories.append(
-            local_repository(
-                params["repository"],
-                must_exist=False,
-                create_parents=params["create_repository"],
-            )
-        )
-    for target in params["s3_targets"]:
-        repositories.append(s3_repository(target, params))
-    return repositories
 
 
 def main():
@@ -340,7 +316,7 @@ def main():
             incremental=params["incremental"],
             full_every=params["full_every"],
         )
-        result = run_file_backup(build_repositories(params), options, check_mode=module.check_mode)
+        result = run_file_backup(target_repositories(params), options, check_mode=module.check_mode)
     except BackupError as exc:
         fail_audited(module, "backup", exc)
     for warning in result.pop("warnings", []):

@@ -206,13 +206,12 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
     CONNECTION_ARGS,
+    SET_WRITING_ARGS,
     connection_from_params,
     exit_audited,
     fail_audited,
-    local_repository,
     missing_library,
-    s3_repository,
-    s3_target_options,
+    target_repositories,
 )
 
 
@@ -222,33 +221,10 @@ def argument_spec():
     spec.update(AUDIT_ARGS)
     spec.update(
         cluster=dict(type="str", required=True),
-        compression=dict(type="str", default="zstd", choices=["zstd", "gzip", "none"]),
-        compression_level=dict(type="int"),
         compression_threads=dict(type="int", default=0),
-        encrypt=dict(type="bool", default=True),
-        passphrase_file=dict(type="path", no_log=False),
-        repository=dict(type="path"),
-        create_repository=dict(type="bool", default=False),
-        s3_targets=dict(type="list", elements="dict", default=[], options=s3_target_options()),
-        label=dict(type="str"),
-        stale_seconds=dict(type="int", default=3600),
     )
+    spec.update(SET_WRITING_ARGS)
     return spec
-
-
-def build_repositories(params):
-    repositories = []
-    if params["repository"]:
-        repositories.append(
-            local_repository(
-                params["repository"],
-                must_exist=False,
-                create_parents=params["create_repository"],
-            )
-        )
-    for target in params["s3_targets"]:
-        repositories.append(s3_repository(target, params))
-    return repositories
 
 
 def main():
@@ -280,7 +256,7 @@ def main():
         dbname = None if params["database"] or params["database_url"] else "postgres"
         result = run_base_backup(
             connection_from_params(params, dbname=dbname),
-            build_repositories(params),
+            target_repositories(params),
             options,
             check_mode=module.check_mode,
         )

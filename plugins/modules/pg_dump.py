@@ -227,13 +227,12 @@ from ansible_collections.clinic.backup.plugins.module_utils.module_support impor
     AUDIT_ARGS,
     AWS_CREDENTIAL_ARGS,
     CONNECTION_ARGS,
+    SET_WRITING_ARGS,
     connection_from_params,
     exit_audited,
     fail_audited,
-    local_repository,
     missing_library,
-    s3_repository,
-    s3_target_options,
+    target_repositories,
 )
 
 
@@ -248,35 +247,12 @@ def argument_spec():
         data_only=dict(type="bool", default=False),
         tables=dict(type="list", elements="str", default=[]),
         exclude_tables=dict(type="list", elements="str", default=[]),
-        compression=dict(type="str", default="zstd", choices=["zstd", "gzip", "none"]),
-        compression_level=dict(type="int"),
         compression_threads=dict(type="int", default=0),
-        encrypt=dict(type="bool", default=True),
-        passphrase_file=dict(type="path", no_log=False),
-        repository=dict(type="path"),
-        create_repository=dict(type="bool", default=False),
-        s3_targets=dict(type="list", elements="dict", default=[], options=s3_target_options()),
         include_globals=dict(type="bool", default=True),
         row_counts=dict(type="bool", default=True),
-        label=dict(type="str"),
-        stale_seconds=dict(type="int", default=3600),
     )
+    spec.update(SET_WRITING_ARGS)
     return spec
-
-
-def build_repositories(params):
-    repositories = []
-    if params["repository"]:
-        repositories.append(
-            local_repository(
-                params["repository"],
-                must_exist=False,
-                create_parents=params["create_repository"],
-            )
-        )
-    for target in params["s3_targets"]:
-        repositories.append(s3_repository(target, params))
-    return repositories
 
 
 def main():
@@ -314,7 +290,7 @@ def main():
         )
         result = run_backup(
             connection_from_params(params),
-            build_repositories(params),
+            target_repositories(params),
             options,
             check_mode=module.check_mode,
         )

@@ -320,6 +320,9 @@ def test_role_converges_restarts_once_and_proves_the_chain(site):
     cron = Path(site.vars["pg_wal_archiving_cron_file"]).read_text()
     assert "basebackup --config" in cron and "30 2 * * 0" in cron
     assert "wal-status --config" in cron and "--metrics-dir" in cron
+    # Retention prunes the WAL no kept base backup needs; verify checks its continuity.
+    assert f"retention --config {config}" in cron and "30 5 * * 0" in cron
+    assert f"verify --config {config}" in cron and "30 3 * * 3" in cron
 
 
 def site_s3_objects(site: Site) -> list[dict[str, Any]]:

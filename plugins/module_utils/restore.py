@@ -31,11 +31,12 @@ import datetime
 import errno
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import time
 
-from . import authentication, pipeline, sqlguard
+from . import authentication, dbproperties, pipeline, sqlguard
 from .catalog import load_manifest
 from .errors import BackupError, ConfigError, IntegrityError, SourceError, StoreError
 from .lifecycle import (
@@ -57,6 +58,7 @@ WORK_SUFFIX = "__restoring_"
 PREVIOUS_SUFFIX = "__pre_restore_"
 NAME_LIMIT = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names silently
 OBJECT_IN_USE = "55006"  # SQLSTATE of "database is being accessed by other users"
+UNDEFINED_OBJECT = "42704"  # SQLSTATE of e.g. role "x" does not exist
 COPY_CHUNK = 1024 * 1024
 LOCAL_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
@@ -456,7 +458,11 @@ def _psql_argv(bin_dir, connection, stop_on_error=True):
     return argv
 
 
-def _restore_database(repo, set_id, manifest, work, options, gpg_session, bin_dir, warnings):
+def _restore_database(
+    repo, set_id, manifest, work, options, gpg_session, bin_dir, warnings, archive
+):
+    """Restore the database artifact into ``work``; returns the stored size. Appends
+    to ``archive`` what dbproperties reads (TOC bytes, or the database's SQL)."""
     artifact = _artifact(manifest, "database")
     env = work.child_env()
     content = artifact["content"]
@@ -467,11 +473,30 @@ def _restore_database(repo, set_id, manifest, work, options, gpg_session, bin_di
                 "pg_restore needs a seekable file (plaintext PHI on disk); use format "
                 "directory for parallel restores" % options.jobs
             )
-        stage = pipeline.Stage("pg_restore", _pg_restore_argv(bin_dir, work, options, 1), env=env)
-        return stream_into(repo, set_id, artifact, manifest, gpg_session, last_stage=stage)
+        # Fed from Python (not a pipeline stage) so that the start of the stream, the
+        # TOC, is kept for the database's own properties (dbproperties).
+        feeder = ArchiveFeeder(_pg_restore_argv(bin_dir, work, options, 1), env)
+        try:
+            size = stream_into(repo, set_id, artifact, manifest, gpg_session, consumer=feeder)
+        except BaseException:
+            feeder.abort()
+            raise
+        code, errors = feeder.finish()
+        if code != 0:
+            raise SourceError(
+                "pg_restore failed with exit code %d: %s"
+                % (code, errors[-pipeline.STDERR_TAIL :].strip() or "no message")
+            )
+        archive.append(feeder.prefix)
+        return size
     if content == "pg_dump-plain":
         if options.no_owner:
             warnings.append("no_owner has no effect on a plain-format dump")
+        warnings.append(
+            "a plain-format set holds no database-level privileges, settings or comment "
+            "(pg_dump -Fp writes them only with --create): re-issue GRANT/REVOKE ... ON "
+            "DATABASE, ALTER DATABASE ... SET and COMMENT ON DATABASE by hand"
+        )
         code, errors, size = _run_script(
             repo, set_id, artifact, manifest, gpg_session, _psql_argv(bin_dir, work), env
         )
@@ -504,6 +529,7 @@ def _restore_database(repo, set_id, manifest, work, options, gpg_session, bin_di
                 env=env,
             )
             pipeline.run_stream([stage], lambda chunk: None)
+            archive.append(_database_sql(bin_dir, scratch, manifest, work, options))
             return size
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -567,6 +593,118 @@ def _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir):
             if state != sqlguard.DUPLICATE_OBJECT
         ],
         "role_passwords": bool(artifact.get("role_passwords")),
+    }
+
+
+class ArchiveFeeder(object):
+    """Stream consumer feeding pg_restore's stdin, keeping the first bytes (the TOC of a
+    custom-format archive, at most dbproperties.TOC_PREFIX_LIMIT) in memory only."""
+
+    def __init__(self, argv, env):
+        env = dict(env)
+        env["LC_ALL"] = "C"
+        self._err = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+            env=env,
+            close_fds=True,
+        )
+        self._open = True
+        self._prefix = []
+        self._kept = 0
+
+    @property
+    def prefix(self):
+        return b"".join(self._prefix)
+
+    def __call__(self, chunk):
+        if self._kept < dbproperties.TOC_PREFIX_LIMIT:
+            piece = chunk[: dbproperties.TOC_PREFIX_LIMIT - self._kept]
+            self._prefix.append(piece)
+            self._kept += len(piece)
+        if self._open and chunk:
+            try:
+                self._proc.stdin.write(chunk)
+            except (BrokenPipeError, OSError):
+                self._open = False  # pg_restore stopped (exit-on-error): its exit code says why
+
+    def finish(self):
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        code = self._proc.wait()
+        self._err.seek(0)
+        text = self._err.read().decode("utf-8", "replace")
+        self._err.close()
+        return code, text
+
+    def abort(self):
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        if not self._err.closed:
+            self._err.close()
+
+
+def _database_sql(bin_dir, archive, manifest, work, options):
+    """(statements, problems) giving ``work`` the source database's own ACL, settings,
+    comment and (unless the restore sets or drops owners) owner."""
+    return dbproperties.database_sql(
+        os.path.join(bin_dir, "pg_restore"),
+        archive,
+        manifest["database"],
+        work.dbname,
+        with_owner=not options.owner and not options.no_owner,
+    )
+
+
+def _apply_database_sql(archive, manifest, work, server, options, bin_dir, warnings):
+    """Apply the database's own privileges and properties to the work database (they
+    follow it through the rename). A statement the server refuses (a granted role
+    missing here: SQLSTATE 42704) is a warning naming it, never a failed restore."""
+    if not archive:
+        return {"applied": False, "detail": "a plain-format set holds none"}
+    found = archive[0]
+    if isinstance(found, bytes):
+        found = _database_sql(bin_dir, found, manifest, work, options)
+    statements, problems = found
+    for problem in problems:
+        warnings.append("database privileges/properties not carried over: %s" % problem)
+    if not statements:
+        return {"applied": False, "statements": 0, "problems": problems}
+    psql = _psql_argv(bin_dir, server.connection, stop_on_error=False)
+    sqlguard.check_psql_restricts(psql[0])
+    feeder = sqlguard.PsqlFeeder(psql, server.connection.child_env())
+    try:
+        feeder(("\n".join(statements) + "\n").encode("utf-8"))
+    except BaseException:
+        feeder.abort()
+        raise
+    code, stderr_text = feeder.finish()
+    errors = sqlguard.server_errors(stderr_text)
+    if code != 0 and not errors:
+        raise SourceError(
+            "psql (database privileges) failed with exit code %d: %s"
+            % (code, stderr_text[-pipeline.STDERR_TAIL :].strip() or "no message")
+        )
+    for state, message in errors:
+        warnings.append(
+            "database privilege/property not applied: %s (SQLSTATE %s)%s"
+            % (
+                message,
+                state,
+                ": create the role and re-run the GRANT" if state == UNDEFINED_OBJECT else "",
+            )
+        )
+    return {
+        "applied": True,
+        "statements": len(statements),
+        "errors": ["%s (SQLSTATE %s)" % (m, state) for state, m in errors],
+        "problems": problems,
     }
 
 
@@ -652,8 +790,9 @@ class DatabaseRestore(object):
         self.work = work_database_name(options.target_database)
         self.server.create(self.work, options.owner)
         work = self.connection.for_database(self.work)
+        archive = []
         result["restored_bytes"] = _restore_database(
-            repo, set_id, manifest, work, options, gpg_session, bin_dir, warnings
+            repo, set_id, manifest, work, options, gpg_session, bin_dir, warnings, archive
         )
         if options.check_row_counts and manifest.get("row_counts"):
             counts, missing = _restored_counts(work, manifest["row_counts"])
@@ -666,6 +805,9 @@ class DatabaseRestore(object):
                 )
         elif options.check_row_counts:
             warnings.append("the manifest of %s records no row counts to compare" % set_id)
+        result["database_properties"] = _apply_database_sql(
+            archive, manifest, work, self.server, options, bin_dir, warnings
+        )
         started = parse_time(manifest["started_at"])
         result["rpo_seconds"] = round((self.now - started).total_seconds(), 1)
         result["backup_started_at"] = manifest["started_at"]

@@ -492,11 +492,6 @@ def _restore_database(
     if content == "pg_dump-plain":
         if options.no_owner:
             warnings.append("no_owner has no effect on a plain-format dump")
-        warnings.append(
-            "a plain-format set holds no database-level privileges, settings or comment "
-            "(pg_dump -Fp writes them only with --create): re-issue GRANT/REVOKE ... ON "
-            "DATABASE, ALTER DATABASE ... SET and COMMENT ON DATABASE by hand"
-        )
         code, errors, size = _run_script(
             repo, set_id, artifact, manifest, gpg_session, _psql_argv(bin_dir, work), env
         )
@@ -667,6 +662,11 @@ def _apply_database_sql(archive, manifest, work, server, options, bin_dir, warni
     follow it through the rename). A statement the server refuses (a granted role
     missing here: SQLSTATE 42704) is a warning naming it, never a failed restore."""
     if not archive:
+        warnings.append(
+            "a plain-format set holds no database-level privileges, settings or comment "
+            "(pg_dump -Fp writes them only with --create): re-issue GRANT/REVOKE ... ON "
+            "DATABASE, ALTER DATABASE ... SET and COMMENT ON DATABASE by hand"
+        )
         return {"applied": False, "detail": "a plain-format set holds none"}
     found = archive[0]
     if isinstance(found, bytes):
@@ -722,6 +722,10 @@ def _check_other_artifacts(repo, set_id, manifest, gpg_session, bin_dir):
 class DatabaseRestore(object):
     """One restore run on one server: each attempt builds a fresh work database, named
     before it is created so that a failure can always drop it."""
+
+    # The database's own ACL/settings/comment: for a database put in place (or
+    # rehearsed), not for a work database only read from (table_restore).
+    apply_database_properties = True
 
     def __init__(self, repo, server, connection, options, session, now):
         self.repo = repo
@@ -805,9 +809,10 @@ class DatabaseRestore(object):
                 )
         elif options.check_row_counts:
             warnings.append("the manifest of %s records no row counts to compare" % set_id)
-        result["database_properties"] = _apply_database_sql(
-            archive, manifest, work, self.server, options, bin_dir, warnings
-        )
+        if self.apply_database_properties:
+            result["database_properties"] = _apply_database_sql(
+                archive, manifest, work, self.server, options, bin_dir, warnings
+            )
         started = parse_time(manifest["started_at"])
         result["rpo_seconds"] = round((self.now - started).total_seconds(), 1)
         result["backup_started_at"] = manifest["started_at"]

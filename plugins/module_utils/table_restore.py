@@ -494,6 +494,9 @@ class TableRestore(DatabaseRestore):
     """Restore the set into a work database (as a full restore does), then move the
     chosen tables into the live database in one transaction."""
 
+    # The work database is only read from and dropped: the live database keeps its own.
+    apply_database_properties = False
+
     def prepare(self):
         target_exists = super(TableRestore, self).prepare()
         if not target_exists:

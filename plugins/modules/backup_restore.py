@@ -284,6 +284,15 @@ globals:
   description: With O(include_globals), whether roles were replayed and which statements failed.
   returned: when include_globals is true
   type: dict
+database_properties:
+  description:
+    - The database's own privileges, settings, comment and owner (C(GRANT/REVOKE ... ON DATABASE),
+      C(ALTER DATABASE ... SET), C(COMMENT ON DATABASE)) applied to the restored database from the set.
+    - C(applied), C(statements) (how many), C(errors) (statements the server refused, also in C(warnings),
+      e.g. a granted role missing on this server), C(problems). Plain-format sets hold none.
+  returned: success, except with O(mode=tables)
+  type: dict
+  sample: {applied: true, statements: 4, errors: [], problems: []}
 table_mode:
   description: With O(mode=tables), the table mode used.
   returned: when mode is tables

@@ -156,3 +156,11 @@ def test_rehearsal_applies_them_and_a_missing_role_is_a_warning(pg, source):
     missing = [w for w in result["warnings"] if gone in w]
     assert len(missing) == 1 and "42704" in missing[0], result["warnings"]
     assert [e for e in report["errors"] if gone in e] == report["errors"]
+
+
+def test_a_plain_set_says_it_holds_none(pg, source):
+    # pg_dump -Fp without --create writes no database-level statement: said, not hidden.
+    target, result = backup_and_restore(pg, source, "plain")
+    assert result["database_properties"]["applied"] is False
+    assert [w for w in result["warnings"] if "plain-format set holds no database-level" in w]
+    assert properties(pg, target)[0] == ""  # datacl NULL: the defaults, PUBLIC may connect

@@ -346,7 +346,12 @@ def test_replacement_server_gets_roles_and_data(
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()",
             dbname=pg.clinic_db,
         )
-        assert owner == replacement.superuser
+        # The database's own owner and privileges come from the set (no owner given).
+        assert owner == pg.psql(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()",
+            dbname=pg.clinic_db,
+        )
+        assert result["database_properties"]["errors"] == []
     finally:
         replacement.destroy()
 

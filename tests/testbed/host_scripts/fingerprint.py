@@ -59,8 +59,11 @@ cur.execute(
 )
 memberships = [list(row) for row in cur.fetchall()]
 cur.execute(
-    "SELECT pg_get_userbyid(datdba), coalesce(datacl::text, '') FROM pg_database"
-    " WHERE datname = %s",
+    # The ACL's items sorted: their order in datacl depends on the order the GRANTs ran.
+    "SELECT pg_get_userbyid(datdba),"
+    " coalesce((SELECT string_agg(item::text, ',' ORDER BY item::text)"
+    " FROM unnest(datacl) item), '')"
+    " FROM pg_database WHERE datname = %s",
     (database,),
 )
 owner, acl = cur.fetchone()

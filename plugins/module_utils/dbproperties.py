@@ -109,8 +109,36 @@ def rewrite(sql_text, source, target):
         if wrong is not None:
             problems.append("a statement names database %s, not %s: %s" % (wrong, source, text))
             continue
+        if not _database_level(tokens, words):
+            problems.append("not a statement about the database itself, left out: %s" % text)
+            continue
         out.append(text + ";")
     return out, problems
+
+
+def _database_level(tokens, words):
+    """Whether a statement is one of those pg_dump writes for a database's own entries:
+    GRANT/REVOKE ... ON DATABASE, ALTER DATABASE, ALTER ROLE ... IN DATABASE,
+    COMMENT/SECURITY LABEL ON DATABASE. Anything else in those entries was not written
+    by pg_dump and is never run."""
+    upper = [tokens[i][1].upper() if tokens[i][0] == "word" else None for i in words]
+    if "DATABASE" not in upper[:-1]:
+        return False
+    first = upper[0]
+    if first in ("GRANT", "REVOKE", "COMMENT", "SECURITY"):
+        at = upper.index("DATABASE")
+        return at > 0 and upper[at - 1] == "ON"
+    if first == "ALTER" and len(upper) > 2:
+        if upper[1] == "DATABASE":
+            # SET/RESET a setting or OWNER TO; never RENAME, tablespace or the like.
+            return len(upper) > 3 and upper[3] in ("SET", "RESET", "OWNER")
+        return (
+            upper[1] in ("ROLE", "USER")
+            and "IN" in upper
+            and upper.index("IN") + 1 < len(upper)
+            and upper[upper.index("IN") + 1] == "DATABASE"
+        )
+    return False
 
 
 def database_sql(pg_restore, archive, source, target, with_owner):

@@ -84,3 +84,16 @@ def test_a_backslash_outside_a_literal_is_not_sql():
         assert "\\\\" in str(exc) or "unexpected" in str(exc)
     else:
         raise AssertionError("a meta-command passed as SQL")
+
+
+def test_only_statements_about_the_database_itself_are_kept():
+    statements, problems = dbproperties.rewrite(
+        "ALTER ROLE app IN DATABASE d SET work_mem TO '1MB';"
+        " ALTER ROLE app SUPERUSER; GRANT pg_read_server_files TO app;"
+        " DROP DATABASE d; ALTER DATABASE d RENAME TO x;"
+        " SELECT 1 FROM pg_database WHERE datname = 'd';",
+        "d",
+        "t",
+    )
+    assert statements == ["ALTER ROLE app IN DATABASE \"t\" SET work_mem TO '1MB';"]
+    assert len(problems) == 5

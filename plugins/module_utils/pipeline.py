@@ -316,6 +316,55 @@ class Stage(object):
             self._stderr.close()
 
 
+class StdinFeeder(object):
+    """Stream consumer writing every chunk to the stdin of ``argv`` (its output discarded,
+    its stderr kept in a private temp file, its messages untranslated). ``finish`` waits
+    and returns (exit code, stderr text); ``abort`` kills it. A program that stops
+    reading (an exit on error) is not written to again: its exit code says why."""
+
+    def __init__(self, argv, env):
+        env = dict(env)
+        env["LC_ALL"] = "C"
+        self._err = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+            env=env,
+            close_fds=True,
+        )
+        self._open = True
+
+    def _send(self, data):
+        if self._open and data:
+            try:
+                self._proc.stdin.write(data)
+            except (BrokenPipeError, OSError):
+                self._open = False
+
+    def __call__(self, chunk):
+        self._send(chunk)
+
+    def finish(self):
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        code = self._proc.wait()
+        self._err.seek(0)
+        text = self._err.read().decode("utf-8", "replace")
+        self._err.close()
+        return code, text
+
+    def abort(self):
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        if not self._err.closed:
+            self._err.close()
+
+
 class StreamResult(object):
     def __init__(self, size, sha256):
         self.size = size

@@ -31,7 +31,6 @@ import datetime
 import errno
 import os
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -591,23 +590,12 @@ def _apply_globals(repo, set_id, manifest, server, gpg_session, bin_dir):
     }
 
 
-class ArchiveFeeder(object):
+class ArchiveFeeder(pipeline.StdinFeeder):
     """Stream consumer feeding pg_restore's stdin, keeping the first bytes (the TOC of a
     custom-format archive, at most dbproperties.TOC_PREFIX_LIMIT) in memory only."""
 
     def __init__(self, argv, env):
-        env = dict(env)
-        env["LC_ALL"] = "C"
-        self._err = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=self._err,
-            env=env,
-            close_fds=True,
-        )
-        self._open = True
+        super(ArchiveFeeder, self).__init__(argv, env)
         self._prefix = []
         self._kept = 0
 
@@ -620,29 +608,7 @@ class ArchiveFeeder(object):
             piece = chunk[: dbproperties.TOC_PREFIX_LIMIT - self._kept]
             self._prefix.append(piece)
             self._kept += len(piece)
-        if self._open and chunk:
-            try:
-                self._proc.stdin.write(chunk)
-            except (BrokenPipeError, OSError):
-                self._open = False  # pg_restore stopped (exit-on-error): its exit code says why
-
-    def finish(self):
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        code = self._proc.wait()
-        self._err.seek(0)
-        text = self._err.read().decode("utf-8", "replace")
-        self._err.close()
-        return code, text
-
-    def abort(self):
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        if not self._err.closed:
-            self._err.close()
+        self._send(chunk)
 
 
 def _database_sql(bin_dir, archive, manifest, work, options):

@@ -26,6 +26,7 @@ import re
 import subprocess
 
 from .errors import ConfigError
+from .pipeline import StdinFeeder
 
 # pg_dump's own lines: "\restrict <key>" at the top, "\unrestrict <key>" at the end.
 _OWN_RESTRICT = re.compile(rb"^\\(?:un)?restrict [A-Za-z0-9]+\r?$")
@@ -228,52 +229,17 @@ def server_errors(stderr_text):
     return errors
 
 
-class PsqlFeeder(object):
+class PsqlFeeder(StdinFeeder):
     """Stream consumer running ``argv`` (psql reading a script on stdin) behind a
     MetaCommandGuard. ``finish`` waits and returns (exit code, stderr text)."""
 
     def __init__(self, argv, env):
-        import tempfile
-
         self.guard = MetaCommandGuard()
-        self._err = tempfile.TemporaryFile()
-        env = dict(env)
-        env["LC_ALL"] = "C"  # psql's own messages untranslated
-        self._proc = subprocess.Popen(
-            list(argv) + ["--set=VERBOSITY=verbose"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=self._err,
-            env=env,
-            close_fds=True,
-        )
-        self._open = True
-
-    def _send(self, data):
-        if self._open and data:
-            try:
-                self._proc.stdin.write(data)
-            except (BrokenPipeError, OSError):
-                self._open = False  # psql stopped (ON_ERROR_STOP): its exit code says why
+        super(PsqlFeeder, self).__init__(list(argv) + ["--set=VERBOSITY=verbose"], env)
 
     def __call__(self, chunk):
         self._send(self.guard(chunk))
 
     def finish(self):
         self._send(self.guard.flush())
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        code = self._proc.wait()
-        self._err.seek(0)
-        text = self._err.read().decode("utf-8", "replace")
-        self._err.close()
-        return code, text
-
-    def abort(self):
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        if not self._err.closed:
-            self._err.close()
+        return super(PsqlFeeder, self).finish()

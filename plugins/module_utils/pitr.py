@@ -50,6 +50,7 @@ RESTORE_POINT_LIMIT = 63  # MAXFNAMELEN - 1: pg_create_restore_point()'s longest
 DEFAULT_TIMEOUT = 6 * 3600
 POLL_SECONDS = 0.25
 RECOVERY_LOG = "clinic-pitr-recovery.log"
+ROLLBACK_LOG = "clinic-pitr-rollback.log"
 # Settings every recovery writes; a second run's lines must not be mistaken for ours.
 RECOVERY_KEYS = (
     "restore_command",
@@ -710,15 +711,27 @@ def recover(options, base_restore):
     if options.check_mode:
         result["would_replace"] = options.data_dir if running is not None else None
         return result
-    if running is not None:
-        result["replaced"] = _move_running_aside(account, options)
-        result["changed"] = True
     parent = os.path.dirname(options.data_dir)
     if not os.path.isdir(parent):
         raise ConfigError(
             "the parent directory of data_dir, %s, does not exist" % parent,
             "create it (owned by the cluster's OS user) or choose another data_dir",
         )
+    if running is None:
+        return _recover_into(options, base_restore, account, command, started, result)
+    result["replaced"] = _move_running_aside(account, options)
+    result["changed"] = True
+    try:
+        return _recover_into(options, base_restore, account, command, started, result)
+    except BaseException as exc:
+        # A replacement that did not finish must not leave the clinic without its
+        # database: the original goes back in place, running again if it was.
+        _put_back(account, options, result, bool(running), exc)
+        raise
+
+
+def _recover_into(options, base_restore, account, command, started, result):
+    target = options.target
     base = base_restore(options.data_dir)
     result["changed"] = True
     result["set_id"] = getattr(base, "set_id", None)
@@ -823,6 +836,52 @@ def _move_running_aside(account, options):
     aside = "%s.pre_pitr_%s" % (options.data_dir, _stamp())
     os.rename(options.data_dir, aside)
     return aside
+
+
+def _put_back(account, options, result, was_running, exc):
+    """Undo a replacement: what the failed restore left in data_dir goes aside as
+    ``.failed_<time>`` (if _fail_aside has not done it), the original cluster back into
+    data_dir, started again with its own options (postmaster.opts) when it was running."""
+    aside = result["replaced"]
+    if os.path.lexists(options.data_dir):
+        failed = "%s.failed_%s" % (options.data_dir, _stamp())
+        os.rename(options.data_dir, failed)
+        result["failed_data_dir"] = failed
+    os.rename(aside, options.data_dir)
+    result["replaced"] = None
+    result["rolled_back"] = True
+    restarted = None
+    if was_running:
+        bin_dir = server_bin_dir(options.data_dir, options.pg_bin_dir)
+        log_dir = os.path.join(options.data_dir, "log")
+        if not os.path.isdir(log_dir):
+            os.mkdir(log_dir, 0o700)
+            account.chown_tree(log_dir)
+        # restart, not start: a stopped server is started with the options of its last
+        # start (postmaster.opts), e.g. a Debian cluster's config_file outside data_dir.
+        proc = account.run(
+            [
+                os.path.join(bin_dir, "pg_ctl"), "-D", options.data_dir, "-l",
+                os.path.join(log_dir, ROLLBACK_LOG), "-w", "-t", "300", "restart", "-m", "fast",
+            ],
+            timeout=330,
+        )  # fmt: skip
+        restarted = proc.returncode == 0
+        if not restarted:
+            result["rollback_error"] = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+    result["original_restarted"] = restarted
+    if isinstance(exc, BackupError):
+        exc.result = dict(getattr(exc, "result", None) or {}, **result)
+        exc.result["changed"] = True
+        exc.hint = (
+            "the original cluster is back in %s%s; %s"
+            % (
+                options.data_dir,
+                {True: " and running again", False: " but did NOT start: start it yourself",
+                 None: " (it was not running)"}[restarted],
+                exc.hint or "see the recovery log in the failed directory",
+            )
+        )  # fmt: skip
 
 
 def _fail_aside(server, options, result, exc):

@@ -29,7 +29,9 @@ description:
     and the RPO.
   - A recovery that fails (the target lies beyond the archived WAL, a segment is missing or damaged) stops
     the server it started and moves the directory aside as C(<data_dir>.failed_<time>); it is never left
-    looking like a restored cluster.
+    looking like a restored cluster. When it was replacing a cluster (O(replace_running)), the original
+    directory is moved back into O(data_dir) and, if it was running, started again with the options of its
+    last start (C(postmaster.opts)).
   - The recovered cluster runs with C(archive_mode=off) unless O(archive=true), so that a rehearsal never
     writes its own timeline into the repository it was restored from.
 author:
@@ -241,6 +243,16 @@ failed_data_dir:
   description: On failure after the extraction, where the half-recovered directory was moved.
   returned: failure
   type: str
+rolled_back:
+  description: On a failed replacement, true - the original cluster's directory is back in O(data_dir).
+  returned: failure
+  type: bool
+original_restarted:
+  description:
+    - On a failed replacement, whether the original cluster was started again (null when it was not running
+      before). False means it did not start and C(rollback_error) says why; start it by hand.
+  returned: failure
+  type: bool
 passed_over:
   description: Base backups not taken, with the reason (after the target, damaged, unauthenticated).
   returned: success

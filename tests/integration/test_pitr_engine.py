@@ -213,6 +213,60 @@ def test_refusals_change_nothing(archive):
         new.destroy()
 
 
+def _running_victim() -> PostgresCluster:
+    """A cluster of its own data, running: what replace_running stops and keeps aside."""
+    victim = PostgresCluster()
+    victim.start()
+    victim.psql("CREATE TABLE victim_marker AS SELECT 42 AS answer;")
+    return victim
+
+
+def test_replacing_a_running_cluster_keeps_it_aside(archive):
+    victim = _running_victim()
+    try:
+        options = recovery_options(
+            archive, victim, "latest", replace_running=True, confirm_replace=victim.data_dir
+        )
+        result = pitr.recover(options, archive.restore_base)
+        aside = Path(result["replaced"])
+        assert aside.name.startswith("data.pre_pitr_")
+        assert pitr.postmaster_status(str(aside)) is None  # stopped, not deleted
+        assert (aside / "PG_VERSION").exists()
+        # The recovered cluster now lives in the same directory, on the same port.
+        assert victim.psql("SELECT string_agg(note, ',' ORDER BY id) FROM visits;") == (
+            "before the base backup,A,B"
+        )
+        assert victim.psql("SELECT to_regclass('victim_marker') IS NULL;") == "t"
+    finally:
+        victim.destroy()
+
+
+def test_a_failed_replacement_puts_the_original_back_running(archive):
+    victim = _running_victim()
+    try:
+        options = recovery_options(
+            archive,
+            victim,
+            {"name": "never_created"},
+            replace_running=True,
+            confirm_replace=victim.data_dir,
+        )
+        with pytest.raises(pitr.IntegrityError) as raised:
+            pitr.recover(options, archive.restore_base)
+        result = raised.value.result
+        assert result["rolled_back"] is True and result["original_restarted"] is True
+        assert result["replaced"] is None
+        assert "back in %s and running again" % victim.data_dir in str(raised.value)
+        # The original, with its own data, answers on its own port again.
+        assert victim.psql("SELECT answer FROM victim_marker;") == "42"
+        failed = Path(result["failed_data_dir"])
+        assert (failed / "recovery.signal").exists()
+        assert pitr.postmaster_status(str(failed)) is None
+        assert not list(Path(victim.data_dir).parent.glob("data.pre_pitr_*"))
+    finally:
+        victim.destroy()
+
+
 @pytest.mark.parametrize(
     "target, message",
     [

@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -37,6 +38,8 @@ from testbed.files import write_passphrase_file
 from testbed.netutil import wait_until
 from testbed.pg import PostgresCluster
 from testbed.s3 import DEFAULT_REGION, DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY
+
+from ansible_collections.clinic.backup.plugins.module_utils import keyring
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -206,6 +209,8 @@ def site_vars(root: Path, source: PostgresCluster, bucket: str, endpoint: str) -
         "pg_wal_archiving_passphrase_file": str(
             root / "var/lib/postgresql/clinic-backup/passphrase"
         ),
+        "pg_wal_archiving_keyring_source": str(root / "etc/clinic-backup/keyring"),
+        "pg_wal_archiving_keyring_dir": str(root / "var/lib/postgresql/clinic-backup/keyring"),
         "pg_wal_archiving_repository": str(root / "var/backups/clinic/pitr"),
         "pg_wal_archiving_spool_dir": str(root / "var/spool/clinic-backup/main"),
         "pg_wal_archiving_s3_targets": [
@@ -421,3 +426,48 @@ def test_point_in_time_gives_a_not_b_and_latest_from_s3_loses_nothing(site):
     finally:
         to_time.destroy()
         to_latest.destroy()
+
+
+def test_a_rotated_passphrase_keeps_older_wal_and_base_backups_recoverable(site):
+    """The runbook's "change all credentials": after a rotation the role gives the server's
+    user the keyring, and a recovery that spans the rotation (a base backup and WAL under
+    the old passphrase, WAL after it) still reaches the end."""
+    src = site.source
+    source_file = Path(site.vars["pg_wal_archiving_passphrase_source"])
+    old = source_file.read_text().strip()
+    rotated = keyring.install_passphrase(
+        str(source_file),
+        secrets.token_urlsafe(32),
+        keyring_dir=site.vars["pg_wal_archiving_keyring_source"],
+        rotate=True,
+        uid=os.geteuid(),
+        gid=os.getegid(),
+    )
+    assert rotated["rotated"]
+    converge = site.converge().assert_ok()
+    assert old not in converge.stdout
+    config = json.loads(Path(site.vars["pg_wal_archiving_config_file"]).read_text())
+    copy = Path(site.vars["pg_wal_archiving_keyring_dir"], rotated["retired_key_id"])
+    assert config["old_passphrase_files"] == [str(copy)]
+    assert copy.read_text().strip() == old
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o400
+    assert copy.stat().st_uid == (src._account.pw_uid if src._account else os.geteuid())
+    assert Path(site.vars["pg_wal_archiving_passphrase_file"]).read_text() == (
+        source_file.read_text()
+    )
+    # A second converge leaves the keyring as it is.
+    assert site.converge().assert_ok().stats["localhost"]["changed"] == 0
+
+    src.psql(patient_sql("PITR-ROTATED", "Rosa"), dbname=DB)
+    site.switch_and_wait_archived()
+    at_end = fingerprint(src)
+    new = PostgresCluster()
+    try:
+        site.recover(
+            new,
+            clinic_backup_pitr_target="latest",
+            clinic_backup_old_passphrase_files=rotated["old_passphrase_files"],
+        ).assert_ok()
+        assert fingerprint(new) == at_end
+    finally:
+        new.destroy()

@@ -27,7 +27,7 @@ demo: bootstrap
 # tests/ includes tests/hosts (podman test hosts); -rs prints why anything was skipped.
 test: bootstrap
 	bash scripts/gates/lint.sh
-	$(PYTHON) -m pytest -rs tests
+	$(PYTHON) -m pytest -rs --durations=25 tests
 	bash scripts/gates/sanity.sh
 	bash scripts/gates/galaxy-import.sh
 

@@ -145,8 +145,11 @@ def reap_owned_dirs(prefix, remove=None, base=None, min_age_seconds=60):
             continue
         try:
             info = os.lstat(path)
-            if info.st_uid != os.geteuid() or not stat.S_ISDIR(info.st_mode):
-                continue
+        except OSError:
+            continue  # removed meanwhile by its owner
+        if info.st_uid != os.geteuid() or not stat.S_ISDIR(info.st_mode):
+            continue
+        try:
             fd = os.open(
                 os.path.join(path, OWNER_LOCK),
                 os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),

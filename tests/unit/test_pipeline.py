@@ -176,3 +176,15 @@ def test_progress_through_real_stages_and_a_closed_stderr(tmp_path):
     finally:
         pipeline.report_progress_to(None)
     assert result.size == 4096 * 8
+
+
+def test_reaping_skips_a_home_removed_by_its_owner_meanwhile(tmp_path, monkeypatch):
+    # Another process removes its own home between the listing and the look at it (a
+    # WAL worker reaping while a foreground wal-fetch finishes): not an error.
+    kept = tmp_path / "clinic-test-kept"
+    kept.mkdir()
+    listed = ["clinic-test-gone", "clinic-test-kept"]
+    monkeypatch.setattr(pipeline.os, "listdir", lambda _base: listed)
+    removed = []
+    pipeline.reap_owned_dirs("clinic-test-", removed.append, base=str(tmp_path), min_age_seconds=0)
+    assert removed == [str(kept)]  # the vanished one skipped, the stale one still reaped

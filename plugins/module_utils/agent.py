@@ -295,6 +295,7 @@ WAL_KEYS = {
     "compression_level": "integer",
     "fetch_prefetch": "integer",
     "push_timeout": "number",
+    "fetch_timeout": "number",
     "async": "boolean",
 }
 

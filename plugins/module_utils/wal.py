@@ -1327,8 +1327,11 @@ def prefetch_window(cursor, count, segment_size=DEFAULT_SEGMENT_SIZE):
 
 
 def run_fetch_worker(config_path, start_name):
-    """Keep the ``wal.fetch_prefetch`` segments after the cursor (the file recovery asked
-    for last) verified in <spool>/fetch/, fetched in parallel. Exits when idle."""
+    """Keep the segment a foreground call waits for and the ``wal.fetch_prefetch``
+    segments after the cursor (the file recovery asked for last) verified in
+    <spool>/fetch/, ``wal.workers`` fetches in flight at any time (a slow one does not
+    hold up the others). A segment it cannot get is noted ``<name>.missing`` for the
+    foreground, which leaves it to the engine. Exits when idle."""
     config = _config_for_worker(config_path)
     spool = walspool.spool_dir(config)
     walspool.make_spool(spool)
@@ -1336,7 +1339,8 @@ def run_fetch_worker(config_path, start_name):
     if lock is None:
         return 0
     try:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+        from concurrent.futures import wait as wait_for
 
         from .agent import repositories
 
@@ -1346,42 +1350,62 @@ def run_fetch_worker(config_path, start_name):
         repos = repositories(config, False)
         cluster = config.get("cluster") or "main"
         fetch_dir = os.path.join(spool, walspool.FETCH)
-        missing = set()
+        missing, fetched, in_flight = set(), set(), {}
 
         def fetch_one(name):
             try:
                 fetch_wal(repos, cluster, name, os.path.join(fetch_dir, name), session)
+                fetched.add(name)
+                return
             except WalNotArchived:
-                missing.add(name)
+                pass
             except Exception as exc:  # the foreground's own fetch reports it by name
                 sys.stderr.write("prefetch of %s failed: %s\n" % (name, _one_line(exc)))
-                missing.add(name)
+            missing.add(name)
+            with open(walspool.missing_path(spool, name), "w"):
+                pass
+
+        def window_of(cursor, wanted):
+            try:
+                after = prefetch_window(cursor, count) if count else []
+            except ConfigError:
+                after = []
+            return ([cursor] if wanted else []) + after
 
         with session_for(config) as session, ThreadPoolExecutor(workers) as pool:
             idle_since = time.monotonic()
             while True:
-                cursor = walspool.read_cursor(spool) or start_name
-                try:
-                    window = prefetch_window(cursor, count) if count else []
-                except ConfigError:
-                    window = []
-                # Files outside the window were skipped by recovery or belong to an
-                # earlier one: they are never served, so they go.
+                cursor, wanted = walspool.read_cursor(spool)
+                if cursor is None:
+                    cursor, wanted = start_name, True
+                window = window_of(cursor, wanted)
+                for name in [n for n, future in in_flight.items() if future.done()]:
+                    in_flight.pop(name).result()
+                # Files outside the window were served, skipped by recovery or belong to
+                # an earlier one: they are never served, so they go (notes too).
                 for entry in os.listdir(fetch_dir):
-                    if walspool.valid_name(entry) and entry not in window:
+                    name = entry[: -len(".missing")] if entry.endswith(".missing") else entry
+                    if walspool.valid_name(name) and name not in window and name not in in_flight:
                         os.unlink(os.path.join(fetch_dir, entry))
+                # A segment served is fetched again only when a call waits for it anew
+                # (recovery may read a segment twice).
                 todo = [
                     n
                     for n in window
-                    if n not in missing and not os.path.exists(os.path.join(fetch_dir, n))
+                    if n not in in_flight
+                    and (n not in fetched or (wanted and n == cursor))
+                    and n not in missing
+                    and not os.path.exists(os.path.join(fetch_dir, n))
                 ]
-                if not todo:
-                    if time.monotonic() - idle_since > PUSH_LINGER_SECONDS:
-                        return 0
-                    time.sleep(0.05)
+                for name in todo[: max(0, workers - len(in_flight))]:
+                    in_flight[name] = pool.submit(fetch_one, name)
+                if in_flight:
+                    idle_since = time.monotonic()
+                    wait_for(list(in_flight.values()), timeout=0.02, return_when=FIRST_COMPLETED)
                     continue
-                list(pool.map(fetch_one, todo))
-                idle_since = time.monotonic()
+                if time.monotonic() - idle_since > PUSH_LINGER_SECONDS:
+                    return 0
+                time.sleep(0.01)
     finally:
         os.close(lock)
 

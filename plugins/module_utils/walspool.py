@@ -16,9 +16,13 @@ worker (the design of pgBackRest's asynchronous archive-push / archive-get):
   mtime); ``.error`` -> 1; nothing within ``wal.push_timeout`` seconds -> 1. PostgreSQL
   keeps a file until its archive_command returned 0, so nothing is reported archived
   that is not.
-- ``wal-fetch NAME DEST``: a worker prefetches the ``wal.fetch_prefetch`` segments after
-  the one asked for, in parallel, each checked (sealed record, sha256) before it is
-  renamed into ``<spool>/fetch/``; only such verified files are served from there.
+- ``wal-fetch NAME DEST``: a worker fetches the segment asked for and prefetches the
+  ``wal.fetch_prefetch`` segments after it, ``wal.workers`` at a time, each checked
+  (sealed record, sha256) before it is renamed into ``<spool>/fetch/``; only such
+  verified files are served from there. The foreground call waits for its own segment
+  while the worker is alive (``wal.fetch_timeout`` at most); a segment the worker could
+  not get (``<name>.missing``), a worker that died, or a history file goes to the full
+  engine, whose answer is authoritative (1: not archived, 126: damaged).
 
 This module imports nothing of the engine: answering from a status file costs a Python
 start-up and a few system calls. Whatever it cannot decide returns None, and the full
@@ -44,6 +48,7 @@ DEFAULTS = {
     "workers": 2,
     "fetch_prefetch": 8,
     "push_timeout": 60,
+    "fetch_timeout": 60,
     "async": True,
 }
 PUSH, FETCH = "push", "fetch"
@@ -279,37 +284,48 @@ def fetch_path(spool, name):
     return os.path.join(spool, FETCH, name)
 
 
-def write_cursor(spool, name):
-    """Tell the prefetch worker which file recovery asked for last."""
+def missing_path(spool, name):
+    """The worker's note that it could not get ``name`` (the engine decides why)."""
+    return fetch_path(spool, name) + ".missing"
+
+
+def write_cursor(spool, name, wanted=False):
+    """Tell the prefetch worker which file recovery asked for last; ``wanted``: a
+    foreground call is waiting for that file itself (else it is already served)."""
     path = os.path.join(spool, FETCH, CURSOR)
     tmp = path + ".tmp-%d" % os.getpid()
     with open(tmp, "w") as handle:
-        handle.write(name)
+        handle.write(name + (" +" if wanted else ""))
     os.rename(tmp, path)
 
 
 def read_cursor(spool):
+    """(name, wanted) of the cursor, or (None, False)."""
     try:
         with open(os.path.join(spool, FETCH, CURSOR)) as handle:
-            name = handle.read().strip()
+            text = handle.read().strip()
     except OSError:
-        return None
-    return name if valid_name(name) else None
+        return None, False
+    name, _space, mark = text.partition(" ")
+    return (name, mark == "+") if valid_name(name) else (None, False)
 
 
-def start_prefetch(config_path, config, name):
-    """Move the prefetch window to after ``name`` and make sure a worker fills it."""
-    if not _SEGMENT_RE.fullmatch(name):
-        return
-    settings = wal_settings(config)
+def prefetching(settings):
     prefetch = settings.get("fetch_prefetch")
-    if settings.get("async") is False or not isinstance(prefetch, int) or prefetch < 1:
-        return
+    return settings.get("async") is not False and isinstance(prefetch, int) and prefetch >= 1
+
+
+def start_prefetch(config_path, config, name, wanted=False):
+    """Move the prefetch window to ``name`` and make sure a worker fills it; the worker's
+    Popen when this call started one."""
+    if not _SEGMENT_RE.fullmatch(name) or not prefetching(wal_settings(config)):
+        return None
     spool = spool_dir(config)
     make_spool(spool)
-    write_cursor(spool, name)
+    write_cursor(spool, name, wanted)
     if not worker_running(spool, FETCH_LOCK):
-        spawn_worker(spool, FETCH, config_path, name)
+        return spawn_worker(spool, FETCH, config_path, name)
+    return None
 
 
 def _move_into(source, dest):
@@ -339,12 +355,9 @@ def _move_into(source, dest):
     _unlink(source)
 
 
-def fetch_foreground(config_path, config, name, dest):
-    """restore_command's answer from the prefetch spool, or None (the engine fetches)."""
-    if not valid_name(name) or wal_settings(config).get("async") is False:
-        return None
-    spool = spool_dir(config)
-    source = fetch_path(spool, name)
+def _serve(source, dest):
+    """EXIT_OK once the verified spool file ``source`` is at dest; None when it is not
+    there (or too old to be trusted to belong to this recovery)."""
     try:
         info = os.lstat(source)
     except OSError:
@@ -352,12 +365,45 @@ def fetch_foreground(config_path, config, name, dest):
     if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime > FETCH_MAX_AGE:
         _unlink(source)
         return None
-    try:
-        _move_into(source, dest)
-        start_prefetch(config_path, config, name)
-    except OSError:
-        return None
+    _move_into(source, dest)
     return EXIT_OK
+
+
+def fetch_foreground(config_path, config, name, dest):
+    """restore_command's answer from the prefetch spool, or None (the engine fetches)."""
+    settings = wal_settings(config)
+    if not valid_name(name) or settings.get("async") is False:
+        return None
+    spool = spool_dir(config)
+    source = fetch_path(spool, name)
+    if not _SEGMENT_RE.fullmatch(name) or not prefetching(settings):
+        return _serve(source, dest)
+    # The worker fetches this very segment too (the cursor says a call waits for it) and
+    # the ones after it; waiting for it costs less than a second engine fetching it.
+    child = start_prefetch(config_path, config, name, wanted=True)
+    timeout = settings.get("fetch_timeout")
+    timeout = timeout if isinstance(timeout, (int, float)) and timeout > 0 else 60
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        served = _serve(source, dest)
+        if served is not None:
+            # Served: the worker must not fetch it again for this call.
+            write_cursor(spool, name)
+            return served
+        if os.path.exists(missing_path(spool, name)):
+            return None
+        if (child is None or child.poll() is not None) and not worker_running(spool, FETCH_LOCK):
+            if child is None:
+                # The worker seen a moment ago ended idle before it read the cursor.
+                child = spawn_worker(spool, FETCH, config_path, name)
+                continue
+            # The worker this call started ended: one last look, then the engine.
+            return _serve(source, dest)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.05)
 
 
 def parse_fast_argv(argv):

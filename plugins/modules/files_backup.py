@@ -45,6 +45,7 @@ extends_documentation_fragment:
   - clinic.backup.audit
   - clinic.backup.s3
   - clinic.backup.s3.targets
+  - clinic.backup.set_writing
 attributes:
   check_mode:
     support: full
@@ -79,26 +80,6 @@ options:
     type: list
     elements: str
     default: []
-  compression:
-    description: Compression of the stream.
-    type: str
-    choices: [zstd, gzip, none]
-    default: zstd
-  compression_level:
-    description: Compression level (zstd 1-19, default 3; gzip 1-9, default 6).
-    type: int
-  encrypt:
-    description:
-      - Encrypt the archive with gpg (symmetric, AES256). Decryptable with stock C(gpg --decrypt).
-      - Turning this off stores patient data in clear; it exists for test systems only.
-    type: bool
-    default: true
-  passphrase_file:
-    description:
-      - File holding the encryption passphrase on one line. Must be a regular file owned by the
-        backup user or root with mode V(0600) or stricter; anything looser is refused.
-      - The passphrase reaches gpg through an inherited pipe, never the command line.
-    type: path
   repository:
     description:
       - Local repository directory (created with mode V(0700) if missing; see O(create_repository)).
@@ -108,10 +89,6 @@ options:
   label:
     description: Free text stored in the manifest (for example V(before-upgrade)).
     type: str
-  stale_seconds:
-    description: Leftovers of killed runs older than this are removed before the backup starts.
-    type: int
-    default: 3600
   incremental:
     description:
       - Store only what changed since the previous set of this O(name) (a file whose size, mtime, ctime and

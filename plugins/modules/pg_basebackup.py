@@ -35,6 +35,7 @@ extends_documentation_fragment:
   - clinic.backup.connection
   - clinic.backup.s3
   - clinic.backup.s3.targets
+  - clinic.backup.set_writing
 attributes:
   check_mode:
     support: full
@@ -61,39 +62,16 @@ options:
         C(pg_hba.conf).
     type: str
     aliases: [db, login_db]
-  compression:
-    description: Compression of the stream (done once, by the pipeline).
-    type: str
-    choices: [zstd, gzip, none]
-    default: zstd
-  compression_level:
-    description: Compression level (zstd 1-19, default 3; gzip 1-9, default 6).
-    type: int
   compression_threads:
     description: zstd worker threads; V(0) means one per core.
     type: int
     default: 0
-  encrypt:
-    description:
-      - Encrypt the archive with gpg (symmetric, AES256). Decryptable with stock C(gpg --decrypt).
-      - Turning this off stores patient data in clear; it exists for test systems only.
-    type: bool
-    default: true
-  passphrase_file:
-    description:
-      - File holding the encryption passphrase on one line, mode V(0600) or stricter; the manifest is
-        sealed with a key derived from it. The passphrase reaches gpg through an inherited pipe.
-    type: path
   repository:
     description: Local repository directory (created with mode V(0700) if missing; see O(create_repository)).
     type: path
   label:
     description: Free text stored in the manifest and given to C(pg_basebackup --label).
     type: str
-  stale_seconds:
-    description: Leftovers of killed runs older than this are removed before the backup starts.
-    type: int
-    default: 3600
 requirements:
   - psycopg2
   - PostgreSQL 13 or newer; pg_basebackup, gpg, zstd or gzip on the host

@@ -30,6 +30,7 @@ extends_documentation_fragment:
   - clinic.backup.connection
   - clinic.backup.s3
   - clinic.backup.s3.targets
+  - clinic.backup.set_writing
 attributes:
   check_mode:
     support: full
@@ -76,30 +77,10 @@ options:
     type: list
     elements: str
     default: []
-  compression:
-    description: Compression of the stream (done once, by the pipeline; pg_dump's own is turned off).
-    type: str
-    choices: [zstd, gzip, none]
-    default: zstd
-  compression_level:
-    description: Compression level (zstd 1-19, default 3; gzip 1-9, default 6).
-    type: int
   compression_threads:
     description: zstd worker threads; V(0) means one per core.
     type: int
     default: 0
-  encrypt:
-    description:
-      - Encrypt every artifact with gpg (symmetric, AES256). Decryptable with stock C(gpg --decrypt).
-      - Turning this off stores patient data in clear; it exists for test systems only.
-    type: bool
-    default: true
-  passphrase_file:
-    description:
-      - File holding the encryption passphrase on one line. Must be a regular file owned by the
-        backup user or root with mode V(0600) or stricter; anything looser is refused.
-      - The passphrase reaches gpg through an inherited pipe, never the command line.
-    type: path
   repository:
     description: Local repository directory (created with mode V(0700) if missing; see O(create_repository)).
     type: path
@@ -116,10 +97,6 @@ options:
   label:
     description: Free text stored in the manifest (for example V(pre-migration)).
     type: str
-  stale_seconds:
-    description: Leftovers of killed runs older than this are removed before the backup starts.
-    type: int
-    default: 3600
 requirements:
   - psycopg2
   - pg_dump, pg_dumpall, gpg, zstd or gzip on the host

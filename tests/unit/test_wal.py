@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -339,3 +341,44 @@ def test_push_worker_pushes_every_ready_file_and_stops(tmp_path, monkeypatch):
     # The foreground answers from the spool: 0 for each file, without pushing anything.
     for name in names:
         assert walspool.push_foreground(str(config_path), config, str(pg_wal / name)) == 0
+
+
+def test_fetch_waits_for_the_worker_and_serves_a_segment_asked_again(archive, monkeypatch):
+    """wal-fetch's fast path with a real worker process: a cold call waits for the worker
+    to fetch its own segment (no second fetch beside it), the next ones come prefetched, a
+    segment recovery asks for again after it was served is fetched again at once (not
+    after fetch_timeout), and one never archived is left to the engine without waiting."""
+    repo, session, tmp = archive
+    # The worker runs as `python -m ...walspool`: it needs the engine on its path.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
+    src = tmp / "src"
+    src.mkdir()
+    names = wal.segments_between("000000010000000000000001", "000000010000000000000004")
+    for index, name in enumerate(names):
+        wal.push_wal([repo], "main", str(make_segment(src, name, index)), session)
+    spool = tmp / "spool"
+    config = {
+        "cluster": "main",
+        "repository": repo.path,
+        "passphrase_file": str(tmp / "passphrase"),
+        "wal": {"spool_dir": str(spool), "fetch_prefetch": 2, "fetch_timeout": 30},
+    }
+    config_path = tmp / "agent.json"
+    config_path.write_text(json.dumps(config))
+    config_path.chmod(0o600)
+    dest = tmp / "RECOVERYXLOG"
+
+    def fetch(name):
+        started = time.monotonic()
+        code = walspool.fetch_foreground(str(config_path), config, name, str(dest))
+        return code, time.monotonic() - started
+
+    for name in [*names[:3], names[1]]:  # names[1] asked again after it was served
+        code, seconds = fetch(name)
+        assert code == walspool.EXIT_OK and seconds < 15, (name, seconds)
+        assert dest.read_bytes() == (src / name).read_bytes()
+    code, seconds = fetch("000000010000000000000009")
+    assert code is None and seconds < 15  # the engine answers "not archived"
+    log = (spool / walspool.WORKER_LOG).read_text()
+    assert log.count("fetch worker") == 1, log
+    assert "failed" not in log, log

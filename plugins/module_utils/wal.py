@@ -1351,6 +1351,10 @@ def run_fetch_worker(config_path, start_name):
         cluster = config.get("cluster") or "main"
         fetch_dir = os.path.join(spool, walspool.FETCH)
         missing, fetched, in_flight = set(), set(), {}
+        # Notes of an earlier worker are stale: this one tries those segments again.
+        for entry in os.listdir(fetch_dir):
+            if entry.endswith(".missing"):
+                os.unlink(os.path.join(fetch_dir, entry))
 
         def fetch_one(name):
             try:

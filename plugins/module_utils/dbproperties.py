@@ -150,13 +150,17 @@ def database_sql(pg_restore, archive, source, target, with_owner):
     stdin = archive if isinstance(archive, bytes) else None
     path = [] if stdin is not None else [archive]
     env = dict(os.environ, LC_ALL="C")
-    listing = subprocess.run(
-        [pg_restore, "--list", "--create"] + path,
-        input=stdin,
-        capture_output=True,
-        env=env,
-        check=False,
-    )
+
+    def run_pg_restore(*options):
+        return subprocess.run(
+            [pg_restore, "--create", *options] + path,
+            input=stdin,
+            capture_output=True,
+            env=env,
+            check=False,
+        )
+
+    listing = run_pg_restore("--list")
     if listing.returncode != 0:
         detail = listing.stderr.decode("utf-8", "replace").strip()
         return [], ["pg_restore --list could not read the archive's TOC: %s" % detail]
@@ -171,13 +175,7 @@ def database_sql(pg_restore, archive, source, target, with_owner):
     with tempfile.NamedTemporaryFile("w", prefix="clinic-toc-", suffix=".list") as listfile:
         listfile.write("\n".join(entries) + "\n")
         listfile.flush()
-        script = subprocess.run(
-            [pg_restore, "--create", "--use-list=" + listfile.name, "--file=-"] + path,
-            input=stdin,
-            capture_output=True,
-            env=env,
-            check=False,
-        )
+        script = run_pg_restore("--use-list=" + listfile.name, "--file=-")
     if script.returncode != 0:
         detail = script.stderr.decode("utf-8", "replace").strip()
         return [], ["pg_restore could not print the database's properties: %s" % detail]

@@ -475,12 +475,7 @@ def _restore_database(
         # Fed from Python (not a pipeline stage) so that the start of the stream, the
         # TOC, is kept for the database's own properties (dbproperties).
         feeder = ArchiveFeeder(_pg_restore_argv(bin_dir, work, options, 1), env)
-        try:
-            size = stream_into(repo, set_id, artifact, manifest, gpg_session, consumer=feeder)
-        except BaseException:
-            feeder.abort()
-            raise
-        code, errors = feeder.finish()
+        size, code, errors = _feed(repo, set_id, artifact, manifest, gpg_session, feeder)
         if code != 0:
             raise SourceError(
                 "pg_restore failed with exit code %d: %s"
@@ -530,18 +525,25 @@ def _restore_database(
     raise IntegrityError("set %s holds an unknown database artifact %r" % (set_id, content))
 
 
-def _run_script(repo, set_id, artifact, manifest, gpg_session, argv, env):
-    """Stream a plain SQL artifact into psql in restricted mode (sqlguard); returns
-    (exit code, stderr text, stored bytes). A script holding a meta-command was not
-    written by pg_dump: IntegrityError, the set is damaged or planted."""
-    sqlguard.check_psql_restricts(argv[0])
-    feeder = sqlguard.PsqlFeeder(argv, env)
+def _feed(repo, set_id, artifact, manifest, gpg_session, feeder):
+    """Stream an artifact into a StdinFeeder (killed if the stream fails); returns
+    (stored bytes, exit code, stderr text)."""
     try:
         size = stream_into(repo, set_id, artifact, manifest, gpg_session, consumer=feeder)
     except BaseException:
         feeder.abort()
         raise
     code, errors = feeder.finish()
+    return size, code, errors
+
+
+def _run_script(repo, set_id, artifact, manifest, gpg_session, argv, env):
+    """Stream a plain SQL artifact into psql in restricted mode (sqlguard); returns
+    (exit code, stderr text, stored bytes). A script holding a meta-command was not
+    written by pg_dump: IntegrityError, the set is damaged or planted."""
+    sqlguard.check_psql_restricts(argv[0])
+    feeder = sqlguard.PsqlFeeder(argv, env)
+    size, code, errors = _feed(repo, set_id, artifact, manifest, gpg_session, feeder)
     found = feeder.guard.found
     if not found and sqlguard.RESTRICTED_REFUSAL in errors:
         found = "one the guard did not see, refused by psql"  # e.g. after SQL on its line

@@ -320,19 +320,23 @@ class Stage(object):
 
 
 class StdinFeeder(object):
-    """Stream consumer writing every chunk to the stdin of ``argv`` (its output discarded,
-    its stderr kept in a private temp file, its messages untranslated). ``finish`` waits
-    and returns (exit code, stderr text); ``abort`` kills it. A program that stops
-    reading (an exit on error) is not written to again: its exit code says why."""
+    """Stream consumer writing every chunk to the stdin of ``argv`` (its stderr kept in a
+    private temp file; its output discarded, or with ``keep_output`` kept and read into
+    ``output`` by ``finish``; its messages untranslated unless ``untranslated`` is false).
+    ``finish`` waits and returns (exit code, stderr text); ``abort`` kills it. A program
+    that stops reading (an exit on error) is not written to again: its exit code says why."""
 
-    def __init__(self, argv, env):
+    def __init__(self, argv, env, untranslated=True, keep_output=False):
         env = dict(env)
-        env["LC_ALL"] = "C"
+        if untranslated:
+            env["LC_ALL"] = "C"
         self._err = tempfile.TemporaryFile()
+        self._out = tempfile.TemporaryFile() if keep_output else None
+        self.output = None
         self._proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=self._out if keep_output else subprocess.DEVNULL,
             stderr=self._err,
             env=env,
             close_fds=True,
@@ -358,14 +362,19 @@ class StdinFeeder(object):
         self._err.seek(0)
         text = self._err.read().decode("utf-8", "replace")
         self._err.close()
+        if self._out is not None:
+            self._out.seek(0)
+            self.output = self._out.read().decode("utf-8", "replace")
+            self._out.close()
         return code, text
 
     def abort(self):
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
-        if not self._err.closed:
-            self._err.close()
+        for handle in (self._err, self._out):
+            if handle is not None and not handle.closed:
+                handle.close()
 
 
 class StreamResult(object):

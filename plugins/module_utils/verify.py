@@ -14,8 +14,6 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import os
-import subprocess
-import tempfile
 
 from . import authentication, basebackup, file_chain, pipeline, sqlguard, wal
 from .catalog import list_catalog, load_manifest, manifest_authentication
@@ -87,44 +85,27 @@ class ParserConsumer(object):
         self.odd = []  # files-tar: (name, type letter) of members a file restore refuses
         self.regular = 0
         self.head = ""
-        self._out = tempfile.TemporaryFile()
-        self._err = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=self._out, stderr=self._err
-        )
-        self._open = True
+        self._program = os.path.basename(argv[0])
+        # The parser's own locale: tar lists non-ASCII member names as they are, which
+        # the member checks read (in C it would escape them).
+        self._feeder = pipeline.StdinFeeder(argv, os.environ, untranslated=False, keep_output=True)
 
     def __call__(self, chunk):
         self.size += len(chunk)
-        if self._open:
-            try:
-                self._proc.stdin.write(chunk)
-            except (BrokenPipeError, OSError):
-                self._open = False  # the parser has all it wanted
+        self._feeder(chunk)  # a parser that stopped early has all it wanted
 
     def finish(self):
         """Wait for the parser; return an error text or None."""
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        code = self._proc.wait()
-        self._out.seek(0)
-        self._err.seek(0)
-        output = self._out.read().decode("utf-8", "replace")
-        errors = self._err.read()[-pipeline.STDERR_TAIL :].decode("utf-8", "replace").strip()
-        self._out.close()
-        self._err.close()
+        code, errors = self._feeder.finish()
         if code != 0:
-            return "%s exited with %d: %s" % (os.path.basename(self._proc.args[0]), code, errors)
-        for line in output.splitlines():
+            tail = errors[-pipeline.STDERR_TAIL :].strip()
+            return "%s exited with %d: %s" % (self._program, code, tail)
+        for line in self._feeder.output.splitlines():
             self._line(line)
         return None
 
     def abort(self):
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        self._feeder.abort()
 
     def _line(self, line):
         if len(self.head) < 2000:
